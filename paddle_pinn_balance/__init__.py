@@ -1,0 +1,13 @@
+"""Loss balancing for physics-informed neural networks in PaddlePaddle.
+
+Every balancer is called as ``balancer({name: scalar loss}, step) -> weighted total``, the shape of
+PaddleScience's ``Solver(loss_aggregator=...)``.
+"""
+
+from .balancer import Balancer, Sum
+from .config import build_balancer
+from .gradnorm import GradNorm, GradNormBalancer
+from .lr_annealing import LRAnnealing
+
+__all__ = ["Balancer", "Sum", "LRAnnealing", "GradNorm", "GradNormBalancer", "build_balancer"]
+__version__ = "0.1.0"

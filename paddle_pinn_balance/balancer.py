@@ -1,0 +1,324 @@
+"""Shared core of every balancer: term names, update cadence, smoothing, bounds, guards, state.
+
+A balancer maps ``{name: scalar loss}`` and a step to the weighted total
+
+.. math:: L = \\sum_i \\lambda_i L_i .
+
+Methods differ only in how they turn per-term statistics into raw weight estimates
+(:meth:`Balancer._update`); everything else lives here, written once:
+
+* names are fixed at construction (``loss_names=``) or at the first call and checked on every call;
+* on a call where ``step % update_freq == 0`` the weights are updated *first*, from this call's losses,
+  so the returned total already uses them;
+* smoothing ``lambda <- momentum * lambda + (1 - momentum) * lambda_hat`` (:meth:`_set_weights`),
+  then optional ``[min_weight, max_weight]`` bounds, then a non-finite guard that keeps the previous
+  weight of any term whose new value is NaN or Inf; all on the device, without host synchronisation;
+* every piece of state is a registered buffer (learned weights are parameters), including the term
+  names (as UTF-8 bytes) and the counters, so ``state_dict`` / ``set_state_dict`` resume bit-for-bit and
+  a checkpoint with other names, another number of terms or non-finite values is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import paddle
+
+__all__ = ["Balancer", "Sum"]
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """Return ``value`` as int, or raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_float(name, value, low=None, high=None, low_open=False, high_open=False, optional=False):
+    """Return ``value`` as a finite float inside the given interval, or raise ``ValueError``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number; got {value!r}")
+    value = float(value)
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ValueError(
+            f"`{name}` must be in {lb}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{hb}; got {value!r}"
+        )
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def _encode_names(names: Sequence[str]) -> paddle.Tensor:
+    data = np.frombuffer("\n".join(names).encode("utf-8"), dtype=np.uint8).copy()
+    return paddle.to_tensor(data, dtype="uint8")
+
+
+def _decode_names(tensor) -> tuple:
+    arr = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.uint8)
+    return tuple(arr.tobytes().decode("utf-8").split("\n"))
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Balancer(paddle.nn.Layer):
+    """Base class: ``balancer(losses, step) -> weighted total`` (the shape of ``ppsci`` aggregators).
+
+    Args:
+        loss_names: the term names, in order. ``None`` fixes them at the first call (in the order of
+            the first mapping).
+        update_freq: update the weights on calls where ``step % update_freq == 0``.
+        momentum: smoothing of the weights, ``lambda <- momentum * lambda + (1 - momentum) * lambda_hat``
+            (0: overwrite).
+        min_weight, max_weight: optional bounds applied after smoothing.
+        eps: added to denominators of the statistics.
+
+    Calling with ``step=None`` uses the number of earlier calls as the step.
+    """
+
+    #: PaddleScience saves the ``state_dict`` of aggregators with this flag (``*.pdagg``).
+    should_persist = True
+    #: Learned weights (GradNorm) set this to True and provide ``loss_weights``.
+    learns_weights = False
+
+    def __init__(
+        self,
+        loss_names: Optional[Sequence[str]] = None,
+        update_freq: int = 1,
+        momentum: float = 0.0,
+        min_weight: Optional[float] = None,
+        max_weight: Optional[float] = None,
+        eps: float = 1e-8,
+    ):
+        super().__init__()
+        self.update_freq = check_int("update_freq", update_freq)
+        self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
+        self.min_weight = check_float("min_weight", min_weight, 0.0, optional=True)
+        self.max_weight = check_float("max_weight", max_weight, 0.0, low_open=True, optional=True)
+        if self.min_weight is not None and self.max_weight is not None and self.min_weight > self.max_weight:
+            raise ValueError(f"`min_weight` ({min_weight}) must not exceed `max_weight` ({max_weight})")
+        self.eps = check_float("eps", eps, 0.0)
+        self._names: Optional[tuple] = None
+        self._calls = 0  # host mirror of the `num_calls` buffer (never read back on the hot path)
+        self.register_buffer("num_calls", paddle.zeros([1], dtype="int64"))
+        self.register_buffer("num_updates", paddle.zeros([1], dtype="int64"))
+        if loss_names is not None:
+            self._set_names(loss_names)
+
+    # ------------------------------------------------------------------ names and state
+
+    @property
+    def loss_names(self) -> Optional[tuple]:
+        return self._names
+
+    def _set_names(self, names) -> None:
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ValueError(f"`loss_names` must be a list of strings; got {names!r}")
+        names = tuple(names)
+        if not names:
+            raise ValueError("`loss_names` must not be empty")
+        for n in names:
+            if not isinstance(n, str) or not n or "\n" in n:
+                raise ValueError(f"loss name {n!r} must be a non-empty string without newlines")
+        if len(set(names)) != len(names):
+            raise ValueError(f"`loss_names` has duplicates: {list(names)}")
+        self._check_names(names)
+        self._names = names
+        self.register_buffer("names_utf8", _encode_names(names))
+        self._create_state(len(names))
+
+    def _check_names(self, names: tuple) -> None:
+        """Hook: subclasses check the names against what they were built for."""
+
+    def _create_state(self, k: int) -> None:
+        """Create the per-term state once the number of terms ``k`` is known."""
+        if not self.learns_weights:
+            self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
+
+    def _weight_vector(self) -> paddle.Tensor:
+        return self.lambdas
+
+    # ------------------------------------------------------------------ the call
+
+    def forward(self, losses: Mapping[str, paddle.Tensor], step: Optional[int] = None) -> paddle.Tensor:
+        values = self._validate(losses)
+        if step is None:
+            step = self._calls
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"`step` must be an integer or None; got {step!r}")
+        self._calls += 1
+        self.num_calls.add_(paddle.ones([1], dtype="int64"))
+        self._before_call(values)
+        update = step % self.update_freq == 0
+        if update:
+            self.num_updates.add_(paddle.ones([1], dtype="int64"))
+        return self._total(values, update)
+
+    def _validate(self, losses) -> list:
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"losses must be a mapping of name to scalar Tensor; got {type(losses).__name__}")
+        if not losses:
+            raise ValueError("losses must not be empty")
+        if self._names is None:
+            self._set_names(list(losses.keys()))
+        names = self._names
+        missing = [n for n in names if n not in losses]
+        extra = [n for n in losses if n not in names]
+        if missing or extra:
+            raise ValueError(
+                f"loss names changed: missing {missing}, unexpected {extra}; expected {list(names)}"
+            )
+        values = []
+        for n in names:
+            v = losses[n]
+            if not isinstance(v, paddle.Tensor):
+                raise ValueError(f"loss {n!r} must be a paddle.Tensor; got {type(v).__name__}")
+            if int(np.prod(v.shape)) != 1:
+                raise ValueError(f"loss {n!r} must be a scalar; got shape {list(v.shape)}")
+            values.append(v.reshape([]))
+        return values
+
+    def _before_call(self, values: list) -> None:
+        """Hook run on every call before the update decision (GradNorm: renormalise, capture L(0))."""
+
+    def _total(self, values: list, update: bool) -> paddle.Tensor:
+        if update:
+            self._update(values)
+        return weighted_sum(values, self._weight_vector())
+
+    def _update(self, values: list) -> None:
+        """Compute raw estimates from this call's losses and store them with :meth:`_set_weights`."""
+        raise NotImplementedError  # abstract: every concrete balancer overrides it
+
+    @paddle.no_grad()
+    def _set_weights(self, raw: paddle.Tensor) -> None:
+        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds, keeping the old value where non-finite."""
+        old = self.lambdas
+        raw = raw.astype(old.dtype)
+        new = raw if self.momentum == 0.0 else self.momentum * old + (1.0 - self.momentum) * raw
+        new = self._clip(new)
+        paddle.assign(paddle.where(paddle.isfinite(new), new, old), output=old)
+
+    def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
+        if self.min_weight is None and self.max_weight is None:
+            return w
+        return paddle.clip(w, min=self.min_weight, max=self.max_weight)
+
+    # ------------------------------------------------------------------ inspection (may synchronise)
+
+    @property
+    def weights(self) -> dict:
+        """Current weights as ``{name: float}`` (synchronises; for logging and inspection)."""
+        if self._names is None:
+            return {}
+        w = self._weight_vector().numpy().astype(np.float64).tolist()
+        return dict(zip(self._names, w))
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def set_state_dict(self, state_dict, use_structured_name: bool = True):
+        """Load a checkpoint; refuse (and change nothing) on other names, shapes or non-finite values."""
+        state = dict(state_dict)
+        if "names_utf8" not in state:
+            raise ValueError("state_dict has no `names_utf8`: not a paddle_pinn_balance checkpoint")
+        names = _decode_names(state["names_utf8"])
+        if self._names is not None and names != self._names:
+            raise ValueError(
+                f"checkpoint was saved for loss names {list(names)}, this balancer has {list(self._names)}"
+            )
+        own = self._expected_state(len(names))
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
+        for key, shape in own.items():
+            value = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key])
+            if key != "names_utf8" and list(value.shape) != list(shape):
+                raise ValueError(f"state_dict[{key!r}] has shape {list(value.shape)}, expected {list(shape)}")
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                raise ValueError(f"state_dict[{key!r}] holds non-finite values: {value.tolist()}")
+        if self._names is None:
+            self._set_names(names)
+        result = super().set_state_dict(state, use_structured_name=use_structured_name)
+        self._after_load()
+        return result
+
+    def _expected_state(self, k: int) -> dict:
+        """Keys and shapes this balancer's ``state_dict`` holds for ``k`` terms."""
+        shapes = {"num_calls": [1], "num_updates": [1], "names_utf8": None}
+        for name, p in self.named_parameters():
+            shapes[name] = [k] if name == "loss_weights" else list(p.shape)
+        if not self.learns_weights:
+            shapes["lambdas"] = [k]
+        shapes.update(self._extra_state_shapes(k))
+        return shapes
+
+    def _extra_state_shapes(self, k: int) -> dict:
+        return {}
+
+    def _after_load(self) -> None:
+        self._calls = int(self.num_calls.numpy()[0])
+
+    def extra_repr(self) -> str:
+        return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
+
+
+def weighted_sum(values: list, weights: paddle.Tensor) -> paddle.Tensor:
+    """``sum_i w_i L_i`` with the weights detached, in the losses' dtype (a few whole-array ops)."""
+    stacked = paddle.stack(values)
+    w = weights.detach()
+    if w.dtype != stacked.dtype:
+        w = w.astype(stacked.dtype)
+    return (stacked * w).sum()
+
+
+class Sum(Balancer):
+    """Fixed weights: ``L = sum_i lambda_i L_i`` (plain PINN training; ``lambda_i = 1`` by default).
+
+    Args:
+        loss_names: term names (or taken from the first call).
+        weights: optional ``{name: weight}``; names not given keep weight 1.
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import Sum
+        >>> agg = Sum(weights={"bc": 10.0})
+        >>> float(agg({"res": paddle.to_tensor(1.0), "bc": paddle.to_tensor(2.0)}))
+        21.0
+    """
+
+    def __init__(self, loss_names: Optional[Sequence[str]] = None, weights: Optional[Mapping[str, float]] = None):
+        if weights is not None and not isinstance(weights, Mapping):
+            raise ValueError(f"`weights` must be a mapping of loss name to number; got {weights!r}")
+        self._fixed = {k: check_float(f"weights[{k!r}]", v, 0.0) for k, v in (weights or {}).items()}
+        super().__init__(loss_names=loss_names, update_freq=1)
+
+    def _check_names(self, names):
+        unknown = sorted(set(self._fixed) - set(names))
+        if unknown:
+            raise ValueError(f"`weights` names {unknown} are not loss names {list(names)}")
+
+    def _create_state(self, k):
+        super()._create_state(k)
+        init = [self._fixed.get(n, 1.0) for n in self._names]
+        self.lambdas.set_value(paddle.to_tensor(init, dtype="float32"))
+
+    def _total(self, values, update):
+        return weighted_sum(values, self.lambdas)

@@ -1,0 +1,110 @@
+"""``build_balancer``: a balancer from a dict or a YAML file (``yaml.safe_load``, registry lookup, validation)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Mapping, Optional
+
+import paddle
+import yaml
+
+from .balancer import Balancer, Sum
+from .gradnorm import GradNorm
+from .lr_annealing import LRAnnealing
+
+
+def _build_sum(model, **kw):
+    return Sum(**kw)
+
+
+def _build_lr_annealing(model, **kw):
+    return LRAnnealing(model, **kw)
+
+
+def _build_grad_norm(model, **kw):
+    wrapper = model if isinstance(model, GradNorm) else GradNorm(model, **kw)
+    if wrapper is model and kw:
+        raise ValueError(f"the model is already a GradNorm wrapper; remove keys {sorted(kw)} from the config")
+    return wrapper.aggregator
+
+
+def _build_ntk(model, **kw):
+    raise ValueError("balancer `ntk` is not available yet in this version (see the NTK issue)")
+
+
+#: name -> (builder, the constructor whose keyword arguments the config may use)
+REGISTRY = {
+    "sum": (_build_sum, Sum.__init__),
+    "lr_annealing": (_build_lr_annealing, LRAnnealing.__init__),
+    "grad_norm": (_build_grad_norm, GradNorm.__init__),
+    "ntk": (_build_ntk, None),
+}
+
+_NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}
+
+
+def allowed_keys(name: str) -> list:
+    """Configuration keys accepted for balancer ``name`` (besides ``name``)."""
+    ctor = REGISTRY[name][1]
+    if ctor is None:
+        return []
+    keys = [k for k in inspect.signature(ctor).parameters if k not in _NOT_CONFIG]
+    if name == "grad_norm":  # GradNorm forwards the balancer's own options
+        from .gradnorm import GradNormBalancer
+
+        keys += [k for k in inspect.signature(GradNormBalancer.__init__).parameters
+                 if k not in _NOT_CONFIG and k not in keys]
+    return keys
+
+
+def load_config(config) -> dict:
+    """A config dict from a mapping or a YAML file path. YAML is read with ``yaml.safe_load``."""
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise ValueError(f"balancer config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"malformed YAML in {path}: {e}") from None
+        if isinstance(config, Mapping) and "balancer" in config and "name" not in config:
+            config = config["balancer"]
+    if not isinstance(config, Mapping):
+        raise ValueError(f"a balancer config must be a mapping with a `name` key; got {type(config).__name__}")
+    return dict(config)
+
+
+def build_balancer(config, model: Optional[paddle.nn.Layer] = None) -> Balancer:
+    """Build a balancer from ``{"name": ..., **constructor keyword arguments}`` or a YAML file.
+
+    ``name`` is one of ``sum``, ``lr_annealing``, ``grad_norm``, ``ntk``. A YAML file may hold the mapping
+    at top level or under a ``balancer:`` key. Unknown names or keys raise ``ValueError`` listing the
+    allowed ones; values are checked by the constructors. Nothing is evaluated.
+
+    For ``grad_norm`` the model is wrapped in :class:`~paddle_pinn_balance.GradNorm` (unless it is one
+    already) and the wrapper's aggregator is returned; ``balancer.wrapper`` is the wrapper, the model to
+    train (its ``parameters()`` include the loss weights).
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import build_balancer
+        >>> net = paddle.nn.Linear(2, 1)
+        >>> lra = build_balancer({"name": "lr_annealing", "ref": "res", "variant": "arxiv"}, net)
+        >>> lra.variant
+        'arxiv'
+    """
+    cfg = load_config(config)
+    if "name" not in cfg:
+        raise ValueError(f"balancer config needs a `name`, one of {sorted(REGISTRY)}; got keys {sorted(cfg)}")
+    name = cfg.pop("name")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown balancer name {name!r}; allowed: {sorted(REGISTRY)}")
+    allowed = allowed_keys(name)
+    unknown = sorted(str(k) for k in cfg if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for balancer {name!r}; allowed: {allowed}")
+    if name != "sum" and not isinstance(model, paddle.nn.Layer):
+        raise ValueError(f"balancer {name!r} needs the model (a paddle.nn.Layer); got {type(model).__name__}")
+    return REGISTRY[name][0](model, **cfg)

@@ -1,0 +1,122 @@
+"""Per-term gradients as one flat ``[terms, params]`` array, and the statistics every method reads.
+
+Statistics are whole-array operations on the stacked gradient matrix ``G`` (row ``i`` is
+``d L_i / d theta`` flattened over the selected parameters), so their cost does not grow with the
+number of parameter tensors. A "segment" is one parameter tensor (one weight matrix when only weights
+are selected); the ``layer_*`` reductions treat every segment once, whatever its size, as the
+authors' code of the learning-rate annealing paper does.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence
+
+import numpy as np
+import paddle
+
+PARAM_SUBSETS = ("all", "weights")
+
+
+def trainable_parameters(model_or_params, subset: str = "all") -> List[paddle.Tensor]:
+    """The trainable parameters of a ``paddle.nn.Layer`` (or of a list of parameters).
+
+    ``subset="weights"`` keeps tensors with two or more dimensions (weight matrices, no biases), as in
+    the authors' code of Wang, Teng & Perdikaris (2021).
+    """
+    if subset not in PARAM_SUBSETS:
+        raise ValueError(f"`params` must be one of {list(PARAM_SUBSETS)}; got {subset!r}")
+    if isinstance(model_or_params, paddle.nn.Layer):
+        params = model_or_params.parameters()
+    elif isinstance(model_or_params, Iterable):
+        params = list(model_or_params)
+    else:
+        raise ValueError(f"expected a paddle.nn.Layer or a list of parameters; got {type(model_or_params).__name__}")
+    seen, out = set(), []
+    for p in params:
+        if not isinstance(p, paddle.Tensor):
+            raise ValueError(f"expected parameters (paddle.Tensor); got {type(p).__name__}")
+        if p.stop_gradient or id(p) in seen:
+            continue
+        if subset == "weights" and len(p.shape) < 2:
+            continue
+        seen.add(id(p))
+        out.append(p)
+    if not out:
+        raise ValueError(f"the model has no trainable parameters in subset {subset!r}")
+    return out
+
+
+def flat_grad(loss: paddle.Tensor, params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    """``d loss / d params`` flattened into one vector; parameters the loss does not reach give zeros.
+
+    The graph is retained, so the caller's own ``backward()`` still works afterwards.
+    """
+    if loss.stop_gradient:
+        grads = [None] * len(params)
+    else:
+        grads = paddle.grad([loss], list(params), retain_graph=True, allow_unused=True)
+    return paddle.concat(
+        [(paddle.zeros_like(p) if g is None else g).reshape([-1]) for g, p in zip(grads, params)]
+    )
+
+
+def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    """Stacked per-term gradients ``G[i] = d L_i / d theta``, shape ``[len(values), n_params]``."""
+    return paddle.stack([flat_grad(v, params) for v in values])
+
+
+class Segments:
+    """Which flat-gradient entries belong to which parameter tensor, with whole-array reductions."""
+
+    def __init__(self, params: Sequence[paddle.Tensor]):
+        self.sizes = [int(np.prod(p.shape)) for p in params]
+        n, s = sum(self.sizes), len(self.sizes)
+        mean = np.zeros([n, s], dtype=np.float32)
+        start = 0
+        for j, size in enumerate(self.sizes):
+            mean[start:start + size, j] = 1.0 / size
+            start += size
+        self._mean = paddle.to_tensor(mean)
+        self._count = paddle.to_tensor((mean > 0).astype(np.float32))
+
+    def _matrix(self, m: paddle.Tensor, dtype) -> paddle.Tensor:
+        return m if m.dtype == dtype else m.astype(dtype)
+
+    def mean(self, a: paddle.Tensor) -> paddle.Tensor:
+        """Per-segment mean of ``a`` (``[K, P]`` -> ``[K, S]``)."""
+        return paddle.matmul(a, self._matrix(self._mean, a.dtype))
+
+    def sum(self, a: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(a, self._matrix(self._count, a.dtype))
+
+    def max(self, a: paddle.Tensor) -> paddle.Tensor:
+        """Per-segment max of ``a`` (``[K, P]`` -> ``[K, S]``)."""
+        parts = paddle.split(a, self.sizes, axis=1) if len(self.sizes) > 1 else [a]
+        return paddle.stack([p.max(axis=1) for p in parts], axis=1)
+
+
+STATISTICS = ("max", "mean", "norm")
+REDUCTIONS = ("flat", "layer_mean", "layer_max_ratio")
+
+
+def statistic(G: paddle.Tensor, stat: str, reduction: str, segments: Segments) -> paddle.Tensor:
+    """One number per row of ``G`` (``flat``/``layer_mean``) or per row and segment (``layer_max_ratio``).
+
+    * ``max``:  max |g|  (``flat`` and ``layer_mean`` agree: the max of maxima is the global max)
+    * ``mean``: mean |g| over all entries (``flat``), or the mean over segments of per-segment means
+    * ``norm``: ||g||_2 (``flat``), or the mean over segments of per-segment norms
+    """
+    if stat == "norm":
+        if reduction == "flat":
+            return paddle.sqrt((G * G).sum(axis=1))
+        per = paddle.sqrt(segments.sum(G * G))
+    else:
+        A = paddle.abs(G)
+        if stat == "max":
+            if reduction == "layer_max_ratio":
+                return segments.max(A)
+            return A.max(axis=1)
+        if reduction == "flat":
+            return A.mean(axis=1)
+        per = segments.mean(A)
+    return per if reduction == "layer_max_ratio" else per.mean(axis=1)

@@ -1,0 +1,329 @@
+"""GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018), as a balancer and a network wrapper."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import paddle
+
+from .balancer import Balancer, check_float, check_int, weighted_sum
+from .gradients import flat_grad, trainable_parameters
+
+
+def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
+    """The parameters ``W`` whose gradient norms GradNorm equalises.
+
+    In order: ``net.get_last_shared_layer()`` if the net defines it (its weight matrix, else its
+    parameters); else ``shared_params`` (parameters or parameter names of ``net``); else the last
+    weight matrix (a parameter with two or more dimensions) of ``net``.
+    """
+    if shared_params is not None:
+        if isinstance(shared_params, (str, paddle.Tensor)):
+            shared_params = [shared_params]
+        named = dict(net.named_parameters())
+        out = []
+        for p in shared_params:
+            if isinstance(p, str):
+                if p not in named:
+                    raise ValueError(f"`shared_params`: {p!r} is not a parameter of the net; it has {list(named)}")
+                p = named[p]
+            out.append(p)
+        return trainable_parameters(out)
+    getter = getattr(net, "get_last_shared_layer", None)
+    if callable(getter):
+        layer = getter()
+        if not isinstance(layer, paddle.nn.Layer):
+            raise ValueError(f"`get_last_shared_layer()` must return a paddle.nn.Layer; got {type(layer).__name__}")
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, paddle.Tensor) and not weight.stop_gradient:
+            return [weight]
+        return trainable_parameters(layer)
+    matrices = [p for p in net.parameters() if not p.stop_gradient and len(p.shape) >= 2]
+    if not matrices:
+        raise ValueError(
+            "GradNorm needs the last shared layer: the net has no `get_last_shared_layer()`, no "
+            "`shared_params` were given, and it has no trainable weight matrix"
+        )
+    return [matrices[-1]]
+
+
+class GradNormBalancer(Balancer):
+    r"""GradNorm's learnable loss weights, as a balancer (``balancer(losses, step)``).
+
+    .. math::
+
+        G_i = \|\nabla_W (w_i L_i)\|_2, \quad \bar G = \tfrac1T \textstyle\sum_i G_i, \quad
+        \tilde L_i = L_i(t) / L_i(0), \quad r_i = \tilde L_i / \overline{\tilde L},
+
+    .. math:: L_\mathrm{grad} = \sum_i \big| G_i - \bar G\, r_i^{\alpha} \big|
+        \quad (\text{Chen et al. 2018, eq. 2 and Algorithm 1}),
+
+    with the target :math:`\bar G r_i^\alpha` held constant, so that
+    :math:`\partial L_\mathrm{grad}/\partial w_i = \mathrm{sign}(G_i - \bar G r_i^\alpha)\,\|\nabla_W L_i\|_2`.
+
+    The returned total has the value :math:`\sum_i w_i L_i`; its backward gives the network the gradient of
+    :math:`\sum_i w_i L_i` (weights held constant) and gives ``loss_weights`` the gradient of
+    :math:`L_\mathrm{grad}` only (nothing of one leaks into the other). The optimizer that trains the
+    network must also hold ``loss_weights`` (``balancer.parameters()``).
+
+    where
+
+    * ``alpha``: the asymmetry :math:`\alpha` (1.5 on NYUv2, 0.12 on the paper's toy problem);
+    * :math:`W`: see :func:`shared_parameters` (``shared_params``);
+    * :math:`L_i(0)`: the losses of the first call (``reset_initial_losses()`` takes them again);
+    * ``weight_attr``: initial weights (a number, a list of ``T`` numbers, or a
+      ``paddle.ParamAttr``); ones by default.
+
+    Renormalisation :math:`\sum_i w_i = T` (Algorithm 1, after every optimizer step) is applied lazily at
+    the start of the next call, and of the wrapper's forward (so a hand-written loop that forms
+    ``(loss_weights * losses).sum()`` itself sees renormalised weights); ``weights`` and
+    ``get_weights()`` report renormalised values. The optimizer needs no hook.
+    Weights are first clipped to ``[min_weight, max_weight]`` (``min_weight`` defaults to ``eps``: a
+    weight pushed to or below zero by the optimizer would otherwise flip the sign of its term).
+
+    Note:
+        PaddleScience's ``ppsci.loss.mtl.GradNorm`` is gradient-norm balancing
+        (:math:`\overline{\|\nabla L_j\|} / \|\nabla L_i\|`), not this method.
+
+    References:
+        Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich. GradNorm: Gradient normalization for adaptive
+        loss balancing in deep multitask networks. ICML 2018 (arXiv:1711.02257).
+    """
+
+    learns_weights = True
+
+    def __init__(
+        self,
+        net: paddle.nn.Layer,
+        n_loss: Optional[int] = None,
+        alpha: float = 1.5,
+        weight_attr=None,
+        shared_params=None,
+        loss_names: Optional[Sequence[str]] = None,
+        update_freq: int = 1,
+        min_weight: Optional[float] = None,
+        max_weight: Optional[float] = None,
+        eps: float = 1e-8,
+    ):
+        if n_loss is None:
+            if loss_names is None:
+                raise ValueError("GradNorm needs `n_loss` or `loss_names`")
+            n_loss = len(loss_names)
+        self.n_loss = check_int("n_loss", n_loss)
+        self.alpha = check_float("alpha", alpha, 0.0)
+        self._shared = shared_parameters(net, shared_params)
+        super().__init__(
+            loss_names=None, update_freq=update_freq, min_weight=min_weight, max_weight=max_weight, eps=eps
+        )
+        if self.min_weight is None:
+            self.min_weight = self.eps
+        self.loss_weights = self.create_parameter(
+            [self.n_loss], dtype="float32", attr=_weight_attr(weight_attr, self.n_loss)
+        )
+        self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype="float32"))
+        self.register_buffer("has_initial_losses", paddle.zeros([1], dtype="int64"))
+        self.register_buffer("last_grad_norm_loss", paddle.zeros([1], dtype="float32"))
+        self._has_initial = False  # host mirror of `has_initial_losses`
+        if loss_names is not None:
+            self._set_names(loss_names)
+
+    # ------------------------------------------------------------------ state
+
+    def _check_names(self, names):
+        if len(names) != self.n_loss:
+            raise ValueError(f"GradNorm was built for n_loss={self.n_loss} terms; got {len(names)}: {list(names)}")
+
+    def _create_state(self, k):
+        pass  # all state was created in __init__ (the number of terms is known there)
+
+    def _weight_vector(self):
+        return self.loss_weights
+
+    def _extra_state_shapes(self, k):
+        return {"initial_losses": [k], "has_initial_losses": [1], "last_grad_norm_loss": [1]}
+
+    def _after_load(self):
+        super()._after_load()
+        self._has_initial = bool(self.has_initial_losses.numpy()[0])
+
+    def reset_initial_losses(self) -> None:
+        """Take :math:`L_i(0)` again at the next call."""
+        self._has_initial = False
+        self.has_initial_losses.set_value(paddle.zeros([1], dtype="int64"))
+
+    # ------------------------------------------------------------------ the method
+
+    def _normalised(self) -> paddle.Tensor:
+        w = self._clip(self.loss_weights.detach())
+        return w * (self.n_loss / w.sum())
+
+    @property
+    def weights(self) -> dict:
+        w = self._normalised().numpy().astype(np.float64).tolist()
+        names = self._names or [str(i) for i in range(self.n_loss)]
+        return dict(zip(names, w))
+
+    def get_weights(self) -> np.ndarray:
+        """The (renormalised) weights as a numpy array."""
+        return self._normalised().numpy()
+
+    @paddle.no_grad()
+    def _renormalise(self) -> None:
+        new = self._normalised()
+        ok = paddle.isfinite(new).all()
+        paddle.assign(paddle.where(ok, new, self.loss_weights.detach()), output=self.loss_weights)
+
+    @paddle.no_grad()
+    def _capture_initial(self, values) -> None:
+        if not self._has_initial:
+            paddle.assign(paddle.stack([v.detach() for v in values]).astype("float32"), output=self.initial_losses)
+            self.has_initial_losses.set_value(paddle.ones([1], dtype="int64"))
+            self._has_initial = True
+
+    def _before_call(self, values):
+        self._renormalise()
+        self._capture_initial(values)
+
+    def weight_gradient(self, values) -> tuple:
+        """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation."""
+        norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
+        with paddle.no_grad():
+            norms = norms.astype("float32")
+            w = self.loss_weights.detach()
+            G = w * norms
+            ratio = paddle.stack([v.detach() for v in values]).astype("float32") / (self.initial_losses + self.eps)
+            r = ratio / (ratio.mean() + self.eps)
+            target = G.mean() * paddle.pow(r, self.alpha)
+            diff = G - target
+            l_grad = paddle.abs(diff).sum()
+            grad = paddle.sign(diff) * norms
+            grad = paddle.where(paddle.isfinite(grad), grad, paddle.zeros_like(grad))
+            paddle.assign(l_grad.reshape([1]), output=self.last_grad_norm_loss)
+        return l_grad, grad
+
+    def _total(self, values, update):
+        total = weighted_sum(values, self.loss_weights)
+        if not update:
+            return total
+        _, grad = self.weight_gradient(values)
+        # value: exactly `total` (s - s.detach() is 0); backward: d/dw = grad, nothing into the net
+        s = (self.loss_weights * grad).sum().astype(total.dtype)
+        return total + (s - s.detach())
+
+    def get_grad_norm_loss(self, losses) -> paddle.Tensor:
+        """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into
+        ``loss_weights.grad`` (``grad.set_value``), replacing what a backward of the weighted sum put there.
+
+        Call it after ``backward()`` of the weighted total and before ``optimizer.step()``. ``losses``: a
+        list, a dict (in the order of ``loss_names``) or a 1-D tensor of the ``n_loss`` losses.
+        """
+        values = self._as_list(losses)
+        self._capture_initial(values)
+        l_grad, grad = self.weight_gradient(values)
+        if self.loss_weights.grad is None:
+            self.loss_weights.grad = grad.astype(self.loss_weights.dtype)
+        else:
+            self.loss_weights.grad.set_value(grad.astype(self.loss_weights.grad.dtype))
+        return l_grad
+
+    def _as_list(self, losses) -> list:
+        if isinstance(losses, Mapping):
+            return self._validate(losses)
+        if isinstance(losses, paddle.Tensor):
+            if len(losses.shape) != 1:
+                raise ValueError(f"a tensor of losses must be 1-D; got shape {list(losses.shape)}")
+            values = [losses[i] for i in range(losses.shape[0])]
+        elif isinstance(losses, Sequence):
+            values = list(losses)
+        else:
+            raise ValueError(f"losses must be a list, dict or 1-D tensor; got {type(losses).__name__}")
+        if len(values) != self.n_loss:
+            raise ValueError(f"expected {self.n_loss} losses (n_loss); got {len(values)}")
+        names = self._names or [f"loss_{i}" for i in range(self.n_loss)]
+        return self._validate(dict(zip(names, values)))
+
+
+def _weight_attr(weight_attr, n: int):
+    if weight_attr is None:
+        weight_attr = 1.0
+    if isinstance(weight_attr, paddle.ParamAttr):
+        return weight_attr
+    values = np.asarray(weight_attr, dtype=np.float64)
+    if values.ndim == 0:
+        values = np.full([n], float(values))
+    if values.shape != (n,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"`weight_attr` must be a positive number or {n} positive numbers; got {weight_attr!r}")
+    return paddle.ParamAttr(initializer=paddle.nn.initializer.Assign(values.astype(np.float32)))
+
+
+class GradNorm(paddle.nn.Layer):
+    """GradNorm as a network wrapper (PaddlePaddle community design, 2022).
+
+    ``GradNorm(net, n_loss, alpha)(x) == net(x)``; unknown attributes are looked up on ``net``;
+    ``loss_weights`` is a learnable parameter of shape ``[n_loss]``, so
+    ``paddle.optimizer.Adam(parameters=wrapper.parameters())`` trains it with the network, and
+    ``state_dict()`` holds both (``net.*`` and ``aggregator.*``). ``wrapper.aggregator`` is the
+    :class:`GradNormBalancer` holding the weights, used as ``aggregator(losses, step)``.
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import GradNorm
+        >>> mlp = paddle.nn.Sequential(paddle.nn.Linear(2, 16), paddle.nn.Tanh(), paddle.nn.Linear(16, 1))
+        >>> net = GradNorm(mlp, n_loss=2, alpha=1.5)
+        >>> opt = paddle.optimizer.Adam(1e-3, parameters=net.parameters())
+        >>> x = paddle.rand([8, 2])
+        >>> for step in range(3):
+        ...     u = net(x)
+        ...     total = net.aggregator({"res": (u ** 2).mean(), "bc": ((u - 1) ** 2).mean()}, step)
+        ...     total.backward(); opt.step(); opt.clear_grad()
+        >>> round(float(net.get_weights().sum()), 5)
+        2.0
+    """
+
+    def __init__(self, net: paddle.nn.Layer, n_loss: Optional[int] = None, alpha: float = 1.5, weight_attr=None,
+                 shared_params=None, **kwargs):
+        super().__init__()
+        if not isinstance(net, paddle.nn.Layer):
+            raise ValueError(f"`net` must be a paddle.nn.Layer; got {type(net).__name__}")
+        self.net = net
+        self.aggregator = GradNormBalancer(net, n_loss=n_loss, alpha=alpha, weight_attr=weight_attr,
+                                           shared_params=shared_params, **kwargs)
+        object.__setattr__(self.aggregator, "wrapper", self)  # plain reference, not a sublayer
+
+    @property
+    def loss_weights(self) -> paddle.Tensor:
+        return self.aggregator.loss_weights
+
+    def forward(self, *args, **kwargs):
+        self.aggregator._renormalise()  # lazy renormalisation after the last optimizer step
+        return self.net(*args, **kwargs)
+
+    def get_grad_norm_loss(self, losses) -> paddle.Tensor:
+        return self.aggregator.get_grad_norm_loss(losses)
+
+    def reset_initial_losses(self) -> None:
+        self.aggregator.reset_initial_losses()
+
+    def get_weights(self) -> np.ndarray:
+        return self.aggregator.get_weights()
+
+    def set_state_dict(self, state_dict, use_structured_name: bool = True):
+        """Load ``net.*`` into the net and ``aggregator.*`` into the balancer (validated first)."""
+        state = dict(state_dict)
+        agg = {k[len("aggregator."):]: v for k, v in state.items() if k.startswith("aggregator.")}
+        rest = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        if len(agg) + len(rest) != len(state):
+            odd = [k for k in state if not k.startswith(("aggregator.", "net."))]
+            raise ValueError(f"state_dict keys {odd} belong to neither `net.` nor `aggregator.`")
+        self.aggregator.set_state_dict(agg, use_structured_name=use_structured_name)
+        return self.net.set_state_dict(rest, use_structured_name=use_structured_name)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            net = self.__dict__.get("_sub_layers", {}).get("net")
+            if net is None:
+                raise
+            return getattr(net, name)

@@ -1,0 +1,166 @@
+"""Learning-rate annealing (Wang, Teng & Perdikaris, SIAM J. Sci. Comput. 43(5), 2021)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import paddle
+
+from .balancer import Balancer, check_choice, check_float, check_int
+from .gradients import PARAM_SUBSETS, REDUCTIONS, STATISTICS, Segments, statistic, term_gradients
+from .gradients import trainable_parameters
+
+#: variant -> (current lambda inside the denominator, weight of the new estimate)
+VARIANTS = {"siam": (True, 0.1), "arxiv": (False, 0.9)}
+
+#: Settings of the authors' code (Helmholtz2D_model_tf.py, Klein_Gordon_model_tf.py).
+PRESETS = {
+    "wang2021_code": dict(variant="siam", statistic="max", params="weights", reduction="layer_mean", update_freq=10),
+}
+
+_DEFAULTS = dict(variant="siam", statistic="max", params="all", reduction="flat", update_freq=10)
+
+
+class LRAnnealing(Balancer):
+    r"""Learning-rate annealing: weights from the residual's largest gradient over each term's mean gradient.
+
+    .. math::
+
+        \hat\lambda_i = \frac{\max_{r \in \mathrm{ref}} \max_\theta |\nabla_\theta L_r|}
+                             {\overline{|\nabla_\theta (\lambda_i L_i)|} + \epsilon}
+        \quad (\texttt{siam}, \text{SIAM eqs. 2.30-2.31, Alg. 2.1}), \qquad
+        \hat\lambda_i = \frac{\max_{r} \max_\theta |\nabla_\theta L_r|}{\overline{|\nabla_\theta L_i|} + \epsilon}
+        \quad (\texttt{arxiv}, \text{arXiv:2001.04536v1 eqs. 40-42}),
+
+    .. math:: \lambda_i \leftarrow (1 - \alpha)\,\lambda_i + \alpha\,\hat\lambda_i ,
+
+    with the reference terms' weights fixed at 1. With the parameters frozen and
+    :math:`R_i = \max|\nabla L_r| / \overline{|\nabla L_i|}`, ``siam`` converges to :math:`\sqrt{R_i}`
+    (its estimate is :math:`R_i/\lambda_i`) and ``arxiv`` to :math:`R_i`.
+
+    where
+
+    * ``ref``: the residual term(s) :math:`L_r`; several (``ref=["res_u", "res_v"]``) take the max of
+      their statistics (NeuralPDE.jl).
+    * ``variant``: ``"siam"`` (lambda inside, :math:`\alpha = 0.1`) or ``"arxiv"`` (no lambda,
+      :math:`\alpha = 0.9`); ``alpha`` overrides the variant's :math:`\alpha`.
+    * ``statistic``: numerator ``"max"`` (paper), ``"mean"`` (PhysicsNeMo's code:
+      :math:`\overline{|\nabla L_r|}/\overline{|\nabla L_i|}`), or ``"norm"``
+      (:math:`\|\nabla L_r\|_2/\|\nabla L_i\|_2`).
+    * ``params``: ``"all"`` trainable parameters, or ``"weights"`` (weight matrices only; the authors' code).
+    * ``reduction``: ``"flat"`` (over all entries), ``"layer_mean"`` (denominator = mean over parameter
+      tensors of the per-tensor means, as the authors' code), or ``"layer_max_ratio"``
+      (:math:`\max_\ell\, \max|\nabla_{W_\ell} L_r| / \overline{|\nabla_{W_\ell} \lambda_i L_i|}`, the
+      authors' lid-driven cavity script).
+    * ``eps``: added to every denominator (:math:`\epsilon`).
+    * ``preset="wang2021_code"``: exactly the authors' Helmholtz / Klein-Gordon code: ``siam``, ``max``,
+      weights only, ``layer_mean``, every 10 steps from step 0. Explicit arguments override a preset.
+
+    Args:
+        model: the ``paddle.nn.Layer`` whose parameters the losses depend on (or a list of parameters).
+        ref: name(s) of the reference (PDE residual) term(s).
+        update_freq: update on calls with ``step % update_freq == 0`` (default 10, as the paper).
+        min_weight, max_weight: optional bounds (mean-based weights are known to collapse towards 0).
+        loss_names: the term names, or ``None`` to take them from the first call.
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import LRAnnealing
+        >>> paddle.seed(0)
+        >>> net = paddle.nn.Sequential(paddle.nn.Linear(1, 8), paddle.nn.Tanh(), paddle.nn.Linear(8, 1))
+        >>> lra = LRAnnealing(net, ref="res", update_freq=10)
+        >>> x = paddle.rand([16, 1])
+        >>> for step in range(20):
+        ...     u = net(x)
+        ...     total = lra({"res": (u ** 2).mean(), "bc": (net(paddle.zeros([1, 1])) - 1).pow(2).mean()}, step)
+        ...     total.backward()
+        >>> sorted(lra.weights)
+        ['bc', 'res']
+
+    Note:
+        * The weights are computed from each term's own gradient, taken once per update with
+          ``paddle.grad`` (graph retained); on other steps the call costs a weighted sum only.
+        * ``eps`` is not in the paper; it keeps a term with zero gradient from producing Inf (its weight is
+          then kept by the non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`).
+
+    References:
+        S. Wang, Y. Teng, P. Perdikaris. Understanding and mitigating gradient flow pathologies in
+        physics-informed neural networks. SIAM J. Sci. Comput. 43(5):A3055-A3081, 2021.
+    """
+
+    def __init__(
+        self,
+        model,
+        ref: Union[str, Sequence[str]] = "res",
+        variant: Optional[str] = None,
+        alpha: Optional[float] = None,
+        statistic: Optional[str] = None,
+        params: Optional[str] = None,
+        reduction: Optional[str] = None,
+        update_freq: Optional[int] = None,
+        min_weight: Optional[float] = None,
+        max_weight: Optional[float] = None,
+        eps: float = 1e-8,
+        preset: Optional[str] = None,
+        loss_names: Optional[Sequence[str]] = None,
+    ):
+        chosen = dict(_DEFAULTS)
+        if preset is not None:
+            chosen.update(PRESETS[check_choice("preset", preset, list(PRESETS))])
+        given = dict(variant=variant, statistic=statistic, params=params, reduction=reduction, update_freq=update_freq)
+        chosen.update({k: v for k, v in given.items() if v is not None})
+        self.variant = check_choice("variant", chosen["variant"], list(VARIANTS))
+        self.statistic = check_choice("statistic", chosen["statistic"], STATISTICS)
+        self.params = check_choice("params", chosen["params"], PARAM_SUBSETS)
+        self.reduction = check_choice("reduction", chosen["reduction"], REDUCTIONS)
+        self.preset = preset
+        self._lambda_inside, default_alpha = VARIANTS[self.variant]
+        self.alpha = default_alpha if alpha is None else check_float("alpha", alpha, 0.0, 1.0, low_open=True)
+        if isinstance(ref, str):
+            ref = [ref]
+        if not isinstance(ref, Sequence) or not ref or not all(isinstance(r, str) for r in ref):
+            raise ValueError(f"`ref` must be a loss name or a non-empty list of loss names; got {ref!r}")
+        if len(set(ref)) != len(ref):
+            raise ValueError(f"`ref` has duplicates: {list(ref)}")
+        self.ref = tuple(ref)
+        self._params = trainable_parameters(model, self.params)  # a plain list: not registered, not saved
+        self._segments = Segments(self._params)
+        super().__init__(
+            loss_names=loss_names,
+            update_freq=check_int("update_freq", chosen["update_freq"]),
+            momentum=1.0 - self.alpha,
+            min_weight=min_weight,
+            max_weight=max_weight,
+            eps=eps,
+        )
+
+    def _check_names(self, names):
+        unknown = [r for r in self.ref if r not in names]
+        if unknown:
+            raise ValueError(f"`ref` names {unknown} are not loss names {list(names)}")
+        self._ref_index = paddle.to_tensor([names.index(r) for r in self.ref], dtype="int64")
+        self._is_ref = paddle.to_tensor([n in self.ref for n in names])
+
+    @paddle.no_grad()
+    def estimates(self, G: paddle.Tensor, lambdas: paddle.Tensor) -> paddle.Tensor:
+        """Raw estimates :math:`\\hat\\lambda` from stacked per-term gradients ``G`` (``[K, P]``).
+
+        Reference terms get 1. Pure function of its inputs (for tests and for custom gradients).
+        """
+        den_stat = "norm" if self.statistic == "norm" else "mean"
+        num = statistic(G, self.statistic, self.reduction, self._segments)
+        den = statistic(G, den_stat, self.reduction, self._segments)
+        num = paddle.index_select(num, self._ref_index, axis=0).max(axis=0)  # max over reference terms
+        lam = lambdas.astype(G.dtype)
+        if self.reduction == "layer_max_ratio":
+            lam = lam.unsqueeze(1)
+        if self._lambda_inside:
+            den = lam * den
+        hat = num / (den + self.eps)
+        if self.reduction == "layer_max_ratio":
+            hat = hat.max(axis=1)
+        return paddle.where(self._is_ref, paddle.ones_like(hat), hat)
+
+    def _update(self, values):
+        G = term_gradients(values, self._params)
+        self._set_weights(self.estimates(G, self.lambdas))
