@@ -12,7 +12,7 @@ Methods differ only in how they turn per-term statistics into raw weight estimat
   so the returned total already uses them;
 * smoothing ``lambda <- momentum * lambda + (1 - momentum) * lambda_hat`` (:meth:`_set_weights`),
   then optional ``[min_weight, max_weight]`` bounds, then a non-finite guard that keeps the previous
-  weight of any term whose new value is NaN or Inf; all on the device, without host synchronisation;
+  weights when any new value is NaN or Inf; all on the device, without host synchronisation;
 * every piece of state is a registered buffer (learned weights are parameters), including the term
   names (as UTF-8 bytes) and the counters, so ``state_dict`` / ``set_state_dict`` resume bit-for-bit and
   a checkpoint with other names, another number of terms or non-finite values is refused.
@@ -209,12 +209,12 @@ class Balancer(paddle.nn.Layer):
 
     @paddle.no_grad()
     def _set_weights(self, raw: paddle.Tensor) -> None:
-        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds, keeping the old value where non-finite."""
+        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any value is non-finite."""
         old = self.lambdas
         raw = raw.astype(old.dtype)
         new = raw if self.momentum == 0.0 else self.momentum * old + (1.0 - self.momentum) * raw
         new = self._clip(new)
-        paddle.assign(paddle.where(paddle.isfinite(new), new, old), output=old)
+        paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
 
     def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
         if self.min_weight is None and self.max_weight is None:

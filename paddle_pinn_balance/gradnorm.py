@@ -118,10 +118,12 @@ class GradNormBalancer(Balancer):
         )
         if self.min_weight is None:
             self.min_weight = self.eps
+        # float64 nets get float64 weights (one optimizer must hold both); anything else float32
+        dtype = "float64" if self._shared[0].dtype == paddle.float64 else "float32"
         self.loss_weights = self.create_parameter(
-            [self.n_loss], dtype="float32", attr=_weight_attr(weight_attr, self.n_loss)
+            [self.n_loss], dtype=dtype, attr=_weight_attr(weight_attr, self.n_loss, dtype)
         )
-        self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype="float32"))
+        self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
         self.register_buffer("has_initial_losses", paddle.zeros([1], dtype="int64"))
         self.register_buffer("last_grad_norm_loss", paddle.zeros([1], dtype="float32"))
         self._has_initial = False  # host mirror of `has_initial_losses`
@@ -177,7 +179,8 @@ class GradNormBalancer(Balancer):
     @paddle.no_grad()
     def _capture_initial(self, values) -> None:
         if not self._has_initial:
-            paddle.assign(paddle.stack([v.detach() for v in values]).astype("float32"), output=self.initial_losses)
+            stacked = paddle.stack([v.detach() for v in values]).astype(self.initial_losses.dtype)
+            paddle.assign(stacked, output=self.initial_losses)
             self.has_initial_losses.set_value(paddle.ones([1], dtype="int64"))
             self._has_initial = True
 
@@ -189,17 +192,17 @@ class GradNormBalancer(Balancer):
         """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation."""
         norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
         with paddle.no_grad():
-            norms = norms.astype("float32")
             w = self.loss_weights.detach()
+            norms = norms.astype(w.dtype)
             G = w * norms
-            ratio = paddle.stack([v.detach() for v in values]).astype("float32") / (self.initial_losses + self.eps)
+            ratio = paddle.stack([v.detach() for v in values]).astype(w.dtype) / (self.initial_losses + self.eps)
             r = ratio / (ratio.mean() + self.eps)
             target = G.mean() * paddle.pow(r, self.alpha)
             diff = G - target
             l_grad = paddle.abs(diff).sum()
             grad = paddle.sign(diff) * norms
             grad = paddle.where(paddle.isfinite(grad), grad, paddle.zeros_like(grad))
-            paddle.assign(l_grad.reshape([1]), output=self.last_grad_norm_loss)
+            paddle.assign(l_grad.reshape([1]).astype("float32"), output=self.last_grad_norm_loss)
         return l_grad, grad
 
     def _total(self, values, update):
@@ -215,8 +218,9 @@ class GradNormBalancer(Balancer):
         """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into
         ``loss_weights.grad`` (``grad.set_value``), replacing what a backward of the weighted sum put there.
 
-        Call it after ``backward()`` of the weighted total and before ``optimizer.step()``. ``losses``: a
-        list, a dict (in the order of ``loss_names``) or a 1-D tensor of the ``n_loss`` losses.
+        Call it after ``backward(retain_graph=True)`` of the weighted total (it differentiates the losses
+        again) and before ``optimizer.step()``. ``losses``: a list, a dict (in the order of
+        ``loss_names``) or a 1-D tensor of the ``n_loss`` losses.
         """
         values = self._as_list(losses)
         self._capture_initial(values)
@@ -244,7 +248,7 @@ class GradNormBalancer(Balancer):
         return self._validate(dict(zip(names, values)))
 
 
-def _weight_attr(weight_attr, n: int):
+def _weight_attr(weight_attr, n: int, dtype: str):
     if weight_attr is None:
         weight_attr = 1.0
     if isinstance(weight_attr, paddle.ParamAttr):
@@ -254,7 +258,7 @@ def _weight_attr(weight_attr, n: int):
         values = np.full([n], float(values))
     if values.shape != (n,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"`weight_attr` must be a positive number or {n} positive numbers; got {weight_attr!r}")
-    return paddle.ParamAttr(initializer=paddle.nn.initializer.Assign(values.astype(np.float32)))
+    return paddle.ParamAttr(initializer=paddle.nn.initializer.Assign(values.astype(dtype)))
 
 
 class GradNorm(paddle.nn.Layer):

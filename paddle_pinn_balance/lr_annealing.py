@@ -80,8 +80,9 @@ class LRAnnealing(Balancer):
     Note:
         * The weights are computed from each term's own gradient, taken once per update with
           ``paddle.grad`` (graph retained); on other steps the call costs a weighted sum only.
-        * ``eps`` is not in the paper; it keeps a term with zero gradient from producing Inf (its weight is
-          then kept by the non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`).
+        * ``eps`` is not in the paper (it guards tiny denominators). A term whose gradient is identically
+          zero (not connected to the selected parameters) keeps its weight instead of getting
+          ``max / eps``; non-finite estimates skip the whole update (the previous weights are kept).
 
     References:
         S. Wang, Y. Teng, P. Perdikaris. Understanding and mitigating gradient flow pathologies in
@@ -151,14 +152,15 @@ class LRAnnealing(Balancer):
         num = statistic(G, self.statistic, self.reduction, self._segments)
         den = statistic(G, den_stat, self.reduction, self._segments)
         num = paddle.index_select(num, self._ref_index, axis=0).max(axis=0)  # max over reference terms
-        lam = lambdas.astype(G.dtype)
-        if self.reduction == "layer_max_ratio":
-            lam = lam.unsqueeze(1)
-        if self._lambda_inside:
-            den = lam * den
-        hat = num / (den + self.eps)
+        current = lambdas.astype(G.dtype)
+        lam = current.unsqueeze(1) if self.reduction == "layer_max_ratio" else current
+        connected = den != 0  # a term (or layer) its loss does not reach gives no estimate (NaN stays NaN)
+        hat = num / ((lam * den if self._lambda_inside else den) + self.eps)
+        hat = paddle.where(connected, hat, paddle.zeros_like(hat))
         if self.reduction == "layer_max_ratio":
             hat = hat.max(axis=1)
+            connected = connected.any(axis=1)
+        hat = paddle.where(connected, hat, current)  # unconnected terms keep their weight
         return paddle.where(self._is_ref, paddle.ones_like(hat), hat)
 
     def _update(self, values):

@@ -1,0 +1,152 @@
+"""Properties every balancer keeps: the calling contract, validation, checkpoint round-trips."""
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_pinn_balance import GradNorm, LRAnnealing, Sum
+from reference import make_net
+
+NAMES = ("res", "bc")
+
+
+def batch(step, dtype="float32"):
+    rng = np.random.default_rng(1000 + step)  # fresh points each step, as in PINN training
+    xr = paddle.to_tensor(rng.uniform(-1, 1, (16, 2)).astype(dtype))
+    xb = paddle.to_tensor(rng.uniform(-1, 1, (8, 2)).astype(dtype))
+    return xr, xb
+
+
+def losses_of(net, step, dtype="float32"):
+    xr, xb = batch(step, dtype)
+    return {"res": (net(xr) ** 2).mean(), "bc": ((net(xb) - 5.0) ** 2).mean()}
+
+
+BUILDERS = {
+    "sum": lambda net: (net, Sum(weights={"bc": 3.0})),
+    "lra_siam": lambda net: (net, LRAnnealing(net, ref="res", update_freq=2)),
+    "lra_arxiv": lambda net: (net, LRAnnealing(net, ref="res", variant="arxiv", update_freq=3, statistic="mean")),
+    "gradnorm": lambda net: (lambda w: (w, w.aggregator))(GradNorm(net, n_loss=2, alpha=0.5)),
+}
+
+
+def run(kind, steps, start=0, state=None, dtype="float32"):
+    """Train `steps` steps from `start`; optionally restore a checkpoint first."""
+    with paddle.utils.unique_name.guard():  # the parameter and optimizer-state names of a fresh process
+        model, bal = BUILDERS[kind](make_net(dtype=dtype))
+        opt = paddle.optimizer.Adam(1e-2, parameters=model.parameters())
+        if state is not None:
+            model.set_state_dict(state["model"])
+            opt.set_state_dict(state["opt"])
+            if model is not bal:
+                bal.set_state_dict(state["bal"])
+        for step in range(start, start + steps):
+            total = bal(losses_of(model, step, dtype), step)
+            total.backward()
+            opt.step()
+            opt.clear_grad()
+    return model, bal, opt
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_checkpoint_resume_is_bit_for_bit(kind, tmp_path):
+    ref_model, ref_bal, _ = run(kind, 9)
+    model, bal, opt = run(kind, 5)
+    path = str(tmp_path / "ckpt.pd")
+    paddle.save({"model": model.state_dict(), "opt": opt.state_dict(), "bal": bal.state_dict()}, path)
+    resumed_model, resumed_bal, _ = run(kind, 4, start=5, state=paddle.load(path))
+    assert resumed_bal.weights == ref_bal.weights
+    for a, b in zip(ref_model.parameters(), resumed_model.parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for key, value in ref_bal.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), resumed_bal.state_dict()[key].numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_float64_model(kind):
+    model, bal, _ = run(kind, 3, dtype="float64")
+    total = bal(losses_of(model, 3, "float64"), 4)
+    assert total.dtype == paddle.float64
+    assert all(np.isfinite(v) for v in bal.weights.values())
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_contract_and_bad_input(kind):
+    model, bal = BUILDERS[kind](make_net())
+    assert bal.should_persist is True
+    good = losses_of(model, 0)
+    bal(good, 0)
+    with pytest.raises(ValueError, match="pde"):
+        bal({"res": good["res"], "pde": good["bc"]}, 1)
+    with pytest.raises(ValueError, match="missing \\['bc'\\]"):
+        bal({"res": good["res"]}, 1)
+    with pytest.raises(ValueError, match="extra"):
+        bal({**good, "extra": good["bc"]}, 1)
+    with pytest.raises(ValueError, match="'bc' must be a scalar"):
+        bal({"res": good["res"], "bc": paddle.ones([3])}, 1)
+    with pytest.raises(ValueError, match="empty"):
+        bal({}, 1)
+    with pytest.raises(ValueError, match="mapping"):
+        bal([good["res"], good["bc"]], 1)
+    with pytest.raises(ValueError, match="step"):
+        bal(good, 1.5)
+
+
+def test_names_fixed_at_construction():
+    lra = LRAnnealing(make_net(), ref="res", loss_names=["res", "bc"])
+    assert lra.weights == {"res": 1.0, "bc": 1.0}
+    net = make_net()
+    with pytest.raises(ValueError, match="unexpected \\['ic'\\]"):
+        lra({**losses_of(net, 0), "ic": losses_of(net, 0)["bc"]}, 0)
+    with pytest.raises(ValueError, match="duplicates"):
+        LRAnnealing(make_net(), loss_names=["res", "res"])
+    with pytest.raises(ValueError, match="loss_names"):
+        Sum(loss_names="res")
+
+
+def test_sum_is_the_plain_weighted_sum_and_never_updates():
+    agg = Sum(weights={"bc": 10.0})
+    total = agg({"res": paddle.to_tensor(1.0), "bc": paddle.to_tensor(2.0)}, 0)
+    assert float(total) == 21.0 and agg.weights == {"res": 1.0, "bc": 10.0}
+    with pytest.raises(ValueError, match="ic"):
+        Sum(weights={"ic": 1.0})({"res": paddle.to_tensor(1.0)})
+    with pytest.raises(ValueError, match="weights"):
+        Sum(weights={"bc": -1.0})
+
+
+def test_state_dict_with_other_names_or_values_is_refused_and_changes_nothing():
+    net = make_net()
+    a = LRAnnealing(net, ref="res", update_freq=1)
+    a(losses_of(net, 0), 0)
+    state = a.state_dict()
+    other = LRAnnealing(net, ref="res", loss_names=["res", "ic"])
+    with pytest.raises(ValueError, match="\\['res', 'bc'\\].*\\['res', 'ic'\\]"):
+        other.set_state_dict(state)
+    assert other.weights == {"res": 1.0, "ic": 1.0}
+    three = LRAnnealing(net, ref="res", loss_names=["res", "bc", "ic"])
+    with pytest.raises(ValueError, match="loss names"):
+        three.set_state_dict(state)
+    bad = dict(state)
+    bad["lambdas"] = paddle.to_tensor([1.0, float("nan")])
+    fresh = LRAnnealing(net, ref="res")
+    with pytest.raises(ValueError, match="non-finite"):
+        fresh.set_state_dict(bad)
+    assert fresh.loss_names is None
+    short = dict(state)
+    short["lambdas"] = paddle.to_tensor([1.0])
+    with pytest.raises(ValueError, match="shape"):
+        LRAnnealing(net, ref="res").set_state_dict(short)
+    with pytest.raises(ValueError, match="names_utf8"):
+        LRAnnealing(net, ref="res").set_state_dict({"lambdas": state["lambdas"]})
+    # a fresh balancer without names takes them from the checkpoint
+    fresh = LRAnnealing(net, ref="res")
+    fresh.set_state_dict(state)
+    assert fresh.weights == a.weights and fresh.loss_names == ("res", "bc")
+
+
+def test_weights_are_buffers_not_parameters():
+    lra = LRAnnealing(make_net(), ref="res", loss_names=["res", "bc"])
+    assert lra.parameters() == []
+    assert "lambdas" in dict(lra.named_buffers())
+    gn = GradNorm(make_net(), n_loss=2).aggregator
+    assert [n for n, _ in gn.named_parameters()] == ["loss_weights"]
