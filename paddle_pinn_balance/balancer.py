@@ -27,6 +27,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
+from .gradients import assembled_total, term_gradients
+
 __all__ = ["Balancer", "Sum"]
 
 
@@ -89,6 +91,10 @@ class Balancer(paddle.nn.Layer):
             (0: overwrite).
         min_weight, max_weight: optional bounds applied after smoothing.
         eps: added to denominators of the statistics.
+        assemble: on update steps of methods that read per-term gradients, return a total whose
+            backward writes the already computed ``sum_i lambda_i dL_i/dtheta`` into the parameters
+            (no second backward; every trainable tensor the losses depend on must then be among the
+            balancer's parameters). ``False``: return the plain weighted sum (a second backward).
 
     Calling with ``step=None`` uses the number of earlier calls as the step.
     """
@@ -106,8 +112,12 @@ class Balancer(paddle.nn.Layer):
         min_weight: Optional[float] = None,
         max_weight: Optional[float] = None,
         eps: float = 1e-8,
+        assemble: bool = True,
     ):
         super().__init__()
+        if not isinstance(assemble, bool):
+            raise ValueError(f"`assemble` must be true or false; got {assemble!r}")
+        self.assemble = assemble
         self.update_freq = check_int("update_freq", update_freq)
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
         self.min_weight = check_float("min_weight", min_weight, 0.0, optional=True)
@@ -199,13 +209,33 @@ class Balancer(paddle.nn.Layer):
         """Hook run on every call before the update decision (GradNorm: renormalise, capture L(0))."""
 
     def _total(self, values: list, update: bool) -> paddle.Tensor:
-        if update:
+        if not update:
+            return weighted_sum(values, self._weight_vector())
+        if not self.needs_gradients:
             self._update(values)
-        return weighted_sum(values, self._weight_vector())
+            return weighted_sum(values, self._weight_vector())
+        # per-term gradients once; with `assemble` the total's backward reuses them (no second backward)
+        G = term_gradients(values, self._params, retain_graph=not self.assemble)
+        extra = self._update_from_gradients(values, G)
+        w = self._weight_vector()
+        total = assembled_total(values, w, G, self._params) if self.assemble else weighted_sum(values, w)
+        return total if extra is None else total + extra
+
+    #: Methods whose statistics read per-term parameter gradients set this, and `_params`.
+    needs_gradients = False
+    _params: list = []
 
     def _update(self, values: list) -> None:
-        """Compute raw estimates from this call's losses and store them with :meth:`_set_weights`."""
-        raise NotImplementedError  # abstract: every concrete balancer overrides it
+        """Compute raw estimates from this call's losses and store them with :meth:`_set_weights`
+        (methods that do not read per-term gradients)."""
+        raise NotImplementedError  # abstract: every concrete balancer overrides one of the two hooks
+
+    def _update_from_gradients(self, values: list, G: paddle.Tensor) -> Optional[paddle.Tensor]:
+        """Update from the stacked per-term gradients ``G`` (``[K, len(flat self._params)]``).
+
+        May return a tensor of value 0 to add to the total (GradNorm: its weights' own gradient).
+        """
+        raise NotImplementedError  # abstract: every concrete balancer overrides one of the two hooks
 
     @paddle.no_grad()
     def _set_weights(self, raw: paddle.Tensor) -> None:

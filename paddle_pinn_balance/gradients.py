@@ -46,23 +46,53 @@ def trainable_parameters(model_or_params, subset: str = "all") -> List[paddle.Te
     return out
 
 
-def flat_grad(loss: paddle.Tensor, params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+def flat_grad(loss: paddle.Tensor, params: Sequence[paddle.Tensor], retain_graph: bool = True) -> paddle.Tensor:
     """``d loss / d params`` flattened into one vector; parameters the loss does not reach give zeros.
 
-    The graph is retained, so the caller's own ``backward()`` still works afterwards.
+    With ``retain_graph=True`` the caller's own ``backward()`` still works afterwards.
     """
     if loss.stop_gradient:
         grads = [None] * len(params)
     else:
-        grads = paddle.grad([loss], list(params), retain_graph=True, allow_unused=True)
+        grads = paddle.grad([loss], list(params), retain_graph=retain_graph, allow_unused=True)
     return paddle.concat(
         [(paddle.zeros_like(p) if g is None else g).reshape([-1]) for g, p in zip(grads, params)]
     )
 
 
-def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    """Stacked per-term gradients ``G[i] = d L_i / d theta``, shape ``[len(values), n_params]``."""
-    return paddle.stack([flat_grad(v, params) for v in values])
+def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor],
+                   retain_graph: bool = True) -> paddle.Tensor:
+    """Stacked per-term gradients ``G[i] = d L_i / d theta``, shape ``[len(values), n_params]``.
+
+    One backward per term, each over its own part of the graph (in a PINN the terms live on their own
+    points, so together they cost about one backward of the summed loss). ``retain_graph=False`` frees
+    the graph after the last term (when no backward through the losses follows).
+    """
+    last = len(values) - 1
+    return paddle.stack([flat_grad(v, params, retain_graph or i < last) for i, v in enumerate(values)])
+
+
+def assembled_total(values: Sequence[paddle.Tensor], weights: paddle.Tensor, G: paddle.Tensor,
+                    params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    """A scalar whose value is ``sum_i w_i L_i`` and whose backward writes ``sum_i w_i G[i]`` into ``params``.
+
+    ``s = theta . g`` with ``g = w^T G`` held constant; ``value + (s - s.detach())`` adds exactly zero to the
+    value, and its backward is ``d s / d theta = g``: no second backward through the losses' graph.
+    """
+    stacked = paddle.stack([v.detach() for v in values])
+    w = weights.detach()
+    value = (stacked * w.astype(stacked.dtype)).sum()
+    g = paddle.matmul(w.astype(G.dtype), G)
+    theta = paddle.concat([p.reshape([-1]) for p in params])
+    s = (theta * g).sum()
+    return value + (s - s.detach()).astype(value.dtype)
+
+
+def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
+    """``params`` reordered so that those in ``first`` lead (in ``first``'s order): statistics on them then
+    read the leading columns of the gradient matrix, a slice instead of a gather."""
+    ids = {id(p) for p in first}
+    return list(first) + [p for p in params if id(p) not in ids]
 
 
 class Segments:

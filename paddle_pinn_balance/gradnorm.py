@@ -7,8 +7,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
-from .balancer import Balancer, check_float, check_int, weighted_sum
-from .gradients import flat_grad, trainable_parameters
+from .balancer import Balancer, check_float, check_int
+from .gradients import flat_grad, trainable_parameters, weights_first
 
 
 def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
@@ -65,7 +65,9 @@ class GradNormBalancer(Balancer):
     The returned total has the value :math:`\sum_i w_i L_i`; its backward gives the network the gradient of
     :math:`\sum_i w_i L_i` (weights held constant) and gives ``loss_weights`` the gradient of
     :math:`L_\mathrm{grad}` only (nothing of one leaks into the other). The optimizer that trains the
-    network must also hold ``loss_weights`` (``balancer.parameters()``).
+    network must also hold ``loss_weights`` (``balancer.parameters()``). The per-term gradients are taken
+    once over all of the net's parameters; :math:`G_i` reads their ``W`` part and, with ``assemble=True``,
+    the total's backward reuses them (no second backward).
 
     where
 
@@ -105,6 +107,7 @@ class GradNormBalancer(Balancer):
         min_weight: Optional[float] = None,
         max_weight: Optional[float] = None,
         eps: float = 1e-8,
+        assemble: bool = True,
     ):
         if n_loss is None:
             if loss_names is None:
@@ -113,9 +116,10 @@ class GradNormBalancer(Balancer):
         self.n_loss = check_int("n_loss", n_loss)
         self.alpha = check_float("alpha", alpha, 0.0)
         self._shared = shared_parameters(net, shared_params)
-        super().__init__(
-            loss_names=None, update_freq=update_freq, min_weight=min_weight, max_weight=max_weight, eps=eps
-        )
+        self._n_shared = sum(int(np.prod(p.shape)) for p in self._shared)
+        self._params = weights_first(trainable_parameters(net), self._shared)  # W leads: G[:, :n_shared]
+        super().__init__(loss_names=None, update_freq=update_freq, min_weight=min_weight, max_weight=max_weight,
+                         eps=eps, assemble=assemble)
         if self.min_weight is None:
             self.min_weight = self.eps
         # float64 nets get float64 weights (one optimizer must hold both); anything else float32
@@ -188,9 +192,13 @@ class GradNormBalancer(Balancer):
         self._renormalise()
         self._capture_initial(values)
 
-    def weight_gradient(self, values) -> tuple:
-        """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation."""
-        norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
+    def weight_gradient(self, values, norms=None) -> tuple:
+        """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation.
+
+        ``norms``: :math:`\|\nabla_W L_i\|_2` if already known (else taken here with ``paddle.grad``).
+        """
+        if norms is None:
+            norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
         with paddle.no_grad():
             w = self.loss_weights.detach()
             norms = norms.astype(w.dtype)
@@ -205,14 +213,14 @@ class GradNormBalancer(Balancer):
             paddle.assign(l_grad.reshape([1]).astype("float32"), output=self.last_grad_norm_loss)
         return l_grad, grad
 
-    def _total(self, values, update):
-        total = weighted_sum(values, self.loss_weights)
-        if not update:
-            return total
-        _, grad = self.weight_gradient(values)
-        # value: exactly `total` (s - s.detach() is 0); backward: d/dw = grad, nothing into the net
-        s = (self.loss_weights * grad).sum().astype(total.dtype)
-        return total + (s - s.detach())
+    needs_gradients = True
+
+    def _update_from_gradients(self, values, G):
+        W = G[:, : self._n_shared] if G.shape[1] != self._n_shared else G
+        _, grad = self.weight_gradient(values, norms=paddle.sqrt((W * W).sum(axis=1)))
+        # value exactly 0 (s - s.detach()); backward: d/dw = grad, nothing into the net
+        s = (self.loss_weights * grad).sum()
+        return (s - s.detach()).astype(values[0].dtype)
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:
         """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import paddle
 
 from .balancer import Balancer, check_choice, check_float, check_int
-from .gradients import PARAM_SUBSETS, REDUCTIONS, STATISTICS, Segments, statistic, term_gradients
-from .gradients import trainable_parameters
+from .gradients import PARAM_SUBSETS, REDUCTIONS, STATISTICS, Segments, statistic, trainable_parameters
+from .gradients import weights_first
 
 #: variant -> (current lambda inside the denominator, weight of the new estimate)
 VARIANTS = {"siam": (True, 0.1), "arxiv": (False, 0.9)}
@@ -62,6 +63,8 @@ class LRAnnealing(Balancer):
         update_freq: update on calls with ``step % update_freq == 0`` (default 10, as the paper).
         min_weight, max_weight: optional bounds (mean-based weights are known to collapse towards 0).
         loss_names: the term names, or ``None`` to take them from the first call.
+        assemble: see :class:`~paddle_pinn_balance.balancer.Balancer` (default: an update step costs no
+            second backward).
 
     Example:
         >>> import paddle
@@ -78,8 +81,9 @@ class LRAnnealing(Balancer):
         ['bc', 'res']
 
     Note:
-        * The weights are computed from each term's own gradient, taken once per update with
-          ``paddle.grad`` (graph retained); on other steps the call costs a weighted sum only.
+        * The weights are computed from each term's own gradient over all trainable parameters, taken
+          once per update with ``paddle.grad``; the returned total's backward reuses them
+          (``assemble=True``). On other steps the call costs a weighted sum only.
         * ``eps`` is not in the paper (it guards tiny denominators). A term whose gradient is identically
           zero (not connected to the selected parameters) keeps its weight instead of getting
           ``max / eps``; non-finite estimates skip the whole update (the previous weights are kept).
@@ -104,6 +108,7 @@ class LRAnnealing(Balancer):
         eps: float = 1e-8,
         preset: Optional[str] = None,
         loss_names: Optional[Sequence[str]] = None,
+        assemble: bool = True,
     ):
         chosen = dict(_DEFAULTS)
         if preset is not None:
@@ -124,8 +129,12 @@ class LRAnnealing(Balancer):
         if len(set(ref)) != len(ref):
             raise ValueError(f"`ref` has duplicates: {list(ref)}")
         self.ref = tuple(ref)
-        self._params = trainable_parameters(model, self.params)  # a plain list: not registered, not saved
-        self._segments = Segments(self._params)
+        stat_params = trainable_parameters(model, self.params)
+        # all trainable parameters (the total's gradient), those the statistics read first (plain lists:
+        # not registered, not saved)
+        self._params = weights_first(trainable_parameters(model, "all"), stat_params)
+        self._n_stat = sum(int(np.prod(p.shape)) for p in stat_params)
+        self._segments = Segments(stat_params)
         super().__init__(
             loss_names=loss_names,
             update_freq=check_int("update_freq", chosen["update_freq"]),
@@ -133,6 +142,7 @@ class LRAnnealing(Balancer):
             min_weight=min_weight,
             max_weight=max_weight,
             eps=eps,
+            assemble=assemble,
         )
 
     def _check_names(self, names):
@@ -163,6 +173,9 @@ class LRAnnealing(Balancer):
         hat = paddle.where(connected, hat, current)  # unconnected terms keep their weight
         return paddle.where(self._is_ref, paddle.ones_like(hat), hat)
 
-    def _update(self, values):
-        G = term_gradients(values, self._params)
+    needs_gradients = True
+
+    def _update_from_gradients(self, values, G):
+        if G.shape[1] != self._n_stat:
+            G = G[:, : self._n_stat]
         self._set_weights(self.estimates(G, self.lambdas))

@@ -131,7 +131,7 @@ def test_preset_reproduces_authors_code_and_explicit_arguments_override():
     lra = LRAnnealing(net, preset="wang2021_code")
     assert (lra.variant, lra.statistic, lra.params, lra.reduction, lra.update_freq, lra.alpha) == (
         "siam", "max", "weights", "layer_mean", 10, 0.1)
-    assert [tuple(p.shape) for p in lra._params] == [(2, 5), (5, 4), (4, 1)]
+    assert lra._segments.sizes == [2 * 5, 5 * 4, 4 * 1]  # the three weight matrices, no biases
     assert LRAnnealing(net, preset="wang2021_code", update_freq=5).update_freq == 5
     # the authors' rule on hand-computed gradients: global max over weights / mean of per-layer means
     data = make_data()
