@@ -8,6 +8,7 @@ from .balancer import Balancer, Sum
 from .config import build_balancer
 from .gradnorm import GradNorm, GradNormBalancer
 from .lr_annealing import LRAnnealing
+from .ntk import NTKWeighting
 
-__all__ = ["Balancer", "Sum", "LRAnnealing", "GradNorm", "GradNormBalancer", "build_balancer"]
+__all__ = ["Balancer", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer", "build_balancer"]
 __version__ = "0.1.0"

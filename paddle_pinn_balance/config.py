@@ -12,6 +12,7 @@ import yaml
 from .balancer import Balancer, Sum
 from .gradnorm import GradNorm
 from .lr_annealing import LRAnnealing
+from .ntk import NTKWeighting
 
 
 def _build_sum(model, **kw):
@@ -30,7 +31,8 @@ def _build_grad_norm(model, **kw):
 
 
 def _build_ntk(model, **kw):
-    raise ValueError("balancer `ntk` is not available yet in this version (see the NTK issue)")
+    # `kernels` (callables) cannot come from YAML: pass them in a Python dict config, or use `mode: grad_norm`.
+    return NTKWeighting(model, **kw)
 
 
 #: name -> (builder, the constructor whose keyword arguments the config may use)
@@ -38,7 +40,7 @@ REGISTRY = {
     "sum": (_build_sum, Sum.__init__),
     "lr_annealing": (_build_lr_annealing, LRAnnealing.__init__),
     "grad_norm": (_build_grad_norm, GradNorm.__init__),
-    "ntk": (_build_ntk, None),
+    "ntk": (_build_ntk, NTKWeighting.__init__),
 }
 
 _NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}

@@ -1,0 +1,252 @@
+"""NTK trace weighting (Wang, Yu & Perdikaris, J. Comput. Phys. 449, 110768, 2022, Algorithm 1)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import paddle
+
+from .balancer import Balancer, check_choice, check_int
+from .gradients import trainable_parameters
+from .per_point import PATHS, per_point_sq_grad_norms
+
+MODES = ("trace", "grad_norm")
+NTK_REDUCTIONS = ("sum", "mean")
+
+
+class NTKWeighting(Balancer):
+    r"""NTK weighting: each term's weight is the total NTK trace over the trace of its own NTK block.
+
+    .. math::
+
+        \operatorname{Tr}(K_{ii}) = \sum_{p=1}^{N_i} \Big\| \frac{\partial f_i(x_p)}{\partial \theta} \Big\|_2^2,
+        \qquad
+        \hat\lambda_i = \frac{\sum_j \operatorname{Tr}(K_{jj})}{\operatorname{Tr}(K_{ii})}
+        \quad (\text{JCP 2022, Sec. 6, Algorithm 1}),
+
+    .. math:: \lambda_i \leftarrow m\,\lambda_i + (1 - m)\,\hat\lambda_i ,
+
+    where
+
+    * :math:`f_i(x_p)`: entry ``p`` of ``kernels[i](model)``, the per-point quantity of term ``i`` (network
+      output for a Dirichlet term, PDE residual for the residual term, ...), on the kernel's own points
+      (fixed, or drawn by the kernel at each update; they need not be the training batch).
+    * :math:`\theta`: every trainable parameter of ``model``, weights and biases.
+    * ``reduction``: ``"sum"`` uses the trace (paper); ``"mean"`` uses :math:`\operatorname{Tr}(K_{ii})/N_i`,
+      the mean of the NTK diagonal (jaxpi), so that the point counts do not enter the weights.
+    * ``momentum``: :math:`m`; 0 overwrites the weights at each update (paper), 0.9 is jaxpi's EMA.
+    * ``update_freq``: update on calls with ``step % update_freq == 0`` (100 as the authors' notebook, 1000
+      in the paper).
+    * ``mode="grad_norm"``: the gradient-norm proxy that several libraries call "NTK",
+      :math:`\hat\lambda_i = \sum_j \|\nabla_\theta L_j\|_2 / \|\nabla_\theta L_i\|_2` from the scalar losses
+      (no kernels needed). It is an approximation, not the trace: with :math:`L_i = \frac1{N}\sum_p r_p^2`,
+      :math:`\|\nabla L_i\|` weighs the per-point gradients by the residuals and sums them before taking the
+      norm, which by Cauchy-Schwarz is at most :math:`\frac2{N}\|r\|\sqrt{\operatorname{Tr}(K_{ii})}`.
+
+    The traces are computed exactly with one backward per chunk of points, not one per point
+    (:func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms`): for a ``paddle.nn.Sequential`` of
+    ``Linear`` layers and elementwise activations each point gets its own copy of the parameters
+    (``last_path == "expanded"``); any other model goes through an exact per-point loop
+    (``last_path == "loop"``, with a warning once per term).
+
+    Args:
+        model: the network (a ``paddle.nn.Layer``) whose parameters the kernels differentiate.
+        kernels: ``{name: kernel}`` with ``kernel(model) -> Tensor[N] or [N, 1]``, one per loss term
+            (required for ``mode="trace"``). A kernel must call ``model(x)`` on its points; it receives a
+            stand-in with the same call on the fast path.
+        mode: ``"trace"`` (the paper) or ``"grad_norm"`` (the approximation above).
+        reduction: ``"sum"`` or ``"mean"`` (``mode="trace"`` only).
+        update_freq: update cadence (default 100).
+        momentum: smoothing :math:`m` in ``[0, 1)`` (default 0).
+        min_weight, max_weight: optional bounds applied after smoothing.
+        chunk_size: points per backward on the fast path (memory ``chunk_size x #params`` per copy);
+            ``None`` for all points at once.
+        path: ``"auto"``, ``"expanded"`` (raise if the fast path does not apply) or ``"loop"``.
+        loss_names: the term names, or ``None`` to take them from the first call.
+        assemble: ``mode="grad_norm"`` only: the update step's total reuses the per-term gradients (no
+            second backward); see :class:`~paddle_pinn_balance.balancer.Balancer`.
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import NTKWeighting
+        >>> _ = paddle.seed(0)
+        >>> net = paddle.nn.Sequential(paddle.nn.Linear(1, 16), paddle.nn.Tanh(), paddle.nn.Linear(16, 1))
+        >>> x_r = paddle.linspace(0, 1, 32).reshape([-1, 1])
+        >>> x_b = paddle.to_tensor([[0.0], [1.0]])
+        >>> def residual(model):  # u'' - f on the collocation points
+        ...     x = x_r.detach()
+        ...     x.stop_gradient = False
+        ...     u = model(x)
+        ...     u_x = paddle.grad(u.sum(), x, create_graph=True)[0]
+        ...     u_xx = paddle.grad(u_x.sum(), x, create_graph=True)[0]
+        ...     return u_xx + paddle.sin(x)
+        >>> ntk = NTKWeighting(net, kernels={"res": residual, "bc": lambda m: m(x_b)}, update_freq=10)
+        >>> opt = paddle.optimizer.Adam(parameters=net.parameters())
+        >>> for step in range(12):
+        ...     losses = {"res": residual(net).pow(2).mean(), "bc": net(x_b).pow(2).mean()}
+        ...     total = ntk(losses, step)
+        ...     total.backward()
+        ...     opt.step()
+        ...     opt.clear_grad()
+        >>> ntk.last_path, sorted(ntk.traces())
+        ('expanded', ['bc', 'res'])
+
+    Note:
+        * The traces are kept in the ``traces_buf`` buffer (saved in ``state_dict``); ``traces()`` returns
+          the last finite ones. A non-finite (or zero) trace skips the update: every weight is kept (the
+          non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`), with a warning naming the term.
+        * Before the first update every weight is 1, and the weights are applied from the first call
+          (PhysicsNeMo multiplies the losses by 0 until its first update). The EMA starts from 1, as jaxpi.
+        * On the fast path a kernel with several chunks is called once per chunk (global random states reset
+          before each call); it must be pointwise (entry ``p`` depends on row ``p`` of the model's input only).
+          Use ``path="loop"`` for kernels that mix points.
+        * With ``mode="grad_norm"`` and ``reduction="sum"`` this is PaddleScience's ``NTK`` (a ratio of
+          gradient norms); it is offered under that explicit name only.
+
+    References:
+        S. Wang, X. Yu, P. Perdikaris. When and why PINNs fail to train: a neural tangent kernel perspective.
+        J. Comput. Phys. 449:110768, 2022.
+    """
+
+    def __init__(
+        self,
+        model: paddle.nn.Layer,
+        kernels: Mapping[str, Callable] | None = None,
+        mode: str = "trace",
+        reduction: str = "sum",
+        update_freq: int = 100,
+        momentum: float = 0.0,
+        min_weight: float | None = None,
+        max_weight: float | None = None,
+        chunk_size: int | None = 1024,
+        path: str = "auto",
+        loss_names: Sequence[str] | None = None,
+        assemble: bool = True,
+    ):
+        if not isinstance(model, paddle.nn.Layer):
+            raise ValueError(f"`model` must be a paddle.nn.Layer; got {type(model).__name__}")
+        self.mode = check_choice("mode", mode, MODES)
+        self.reduction = check_choice("reduction", reduction, NTK_REDUCTIONS)
+        self.path = check_choice("path", path, PATHS)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size)
+        if self.mode == "grad_norm":
+            if kernels is not None:
+                raise ValueError("`kernels` are not used with mode='grad_norm' (it reads the scalar losses); "
+                                 "remove them, or use mode='trace'")
+            if reduction != "sum":
+                raise ValueError("`reduction` applies to mode='trace' only; leave it at 'sum' for mode='grad_norm'")
+            kernels = {}
+        else:
+            if kernels is None or not isinstance(kernels, Mapping) or not kernels:
+                raise ValueError("mode='trace' needs `kernels={name: kernel}` with kernel(model) -> Tensor[N] "
+                                 f"for every loss term (or mode='grad_norm', an approximation); got {kernels!r}")
+            for k, fn in kernels.items():
+                if not isinstance(k, str) or not callable(fn):
+                    raise ValueError(f"`kernels` must map loss names to callables kernel(model); got {k!r}: {fn!r}")
+        self._model = [model]  # in a list: not registered as a sublayer (not saved with the balancer)
+        self._kernels = dict(kernels)
+        self._params = trainable_parameters(model)
+        self.needs_gradients = self.mode == "grad_norm"  # grad_norm reads the per-term gradients (fast path)
+        self._warned = set()
+        self.last_paths: dict = {}
+        super().__init__(
+            loss_names=loss_names,
+            update_freq=update_freq,
+            momentum=momentum,
+            min_weight=min_weight,
+            max_weight=max_weight,
+            eps=0.0,
+            assemble=assemble,
+        )
+
+    @property
+    def last_path(self) -> str | None:
+        """``"expanded"`` if every kernel took the fast path at the last update, ``"loop"`` if any did not."""
+        if not self.last_paths:
+            return None
+        return "expanded" if all(p == "expanded" for p in self.last_paths.values()) else "loop"
+
+    def _check_names(self, names):
+        if self.mode != "trace":
+            return
+        missing = [n for n in names if n not in self._kernels]
+        if missing:
+            raise ValueError(f"loss term(s) {missing} have no kernel; pass kernels={{name: kernel(model)}} for "
+                             f"every loss name {list(names)}, or use mode='grad_norm' (an approximation)")
+        unknown = [n for n in self._kernels if n not in names]
+        if unknown:
+            raise ValueError(f"`kernels` names {unknown} are not loss names {list(names)}")
+
+    def _create_state(self, k):
+        super()._create_state(k)
+        self.register_buffer("traces_buf", paddle.zeros([k], dtype="float32"))
+
+    def _extra_state_shapes(self, k):
+        return {"traces_buf": [k]}
+
+    # ------------------------------------------------------------------ statistics -> weights
+
+    @staticmethod
+    @paddle.no_grad()
+    def estimates(stats: paddle.Tensor) -> paddle.Tensor:
+        r"""Raw weights :math:`\hat\lambda_i = \sum_j s_j / s_i` from per-term statistics ``s`` (shape ``[K]``)."""
+        return stats.sum() / stats
+
+    def compute_traces(self) -> paddle.Tensor:
+        """Per-term traces (``reduction`` applied), shape ``[K]``, from the kernels; sets ``last_paths``."""
+        out = []
+        for name in self._names:
+            sq, ran = per_point_sq_grad_norms(self._model[0], self._kernels[name], chunk_size=self.chunk_size,
+                                              path=self.path, name=name, return_path=True)
+            self.last_paths[name] = ran
+            if ran == "loop" and self.path == "auto" and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(f"NTKWeighting: term {name!r} uses the exact per-point loop (one backward per point): "
+                              "the fast path supports a paddle.nn.Sequential of Linear layers and elementwise "
+                              "activations, and kernels that only call model(x) with one row per point",
+                              stacklevel=3)
+            tr = sq.sum() if self.reduction == "sum" else sq.mean()
+            out.append(tr.astype("float64"))
+        return paddle.stack(out)
+
+    def _update_from_gradients(self, values, G):
+        """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
+        the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
+        skips the whole update."""
+        with paddle.no_grad():
+            norms = paddle.sqrt((G * G).sum(axis=1)).astype("float64")
+            connected = norms != 0
+            raw = paddle.where(connected, self.estimates(norms), self.lambdas.astype("float64"))
+            old = self.traces_buf
+            new = norms.astype(old.dtype)
+            paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
+        self._set_weights(raw)
+
+    def _update(self, values):
+        stats = self.compute_traces().detach()
+        host = stats.numpy()  # one synchronisation per update step (the update itself costs backward passes)
+        bad = [n for n, s in zip(self._names, host) if not np.isfinite(s) or s <= 0.0]
+        if bad:
+            warnings.warn(f"NTKWeighting: non-finite or zero trace for term(s) {bad}; the weights are kept",
+                          stacklevel=3)
+            raw = paddle.full_like(stats, float("nan"))  # the non-finite guard keeps every weight
+        else:
+            raw = self.estimates(stats)
+        with paddle.no_grad():
+            old = self.traces_buf
+            new = stats.astype(old.dtype)
+            paddle.assign(paddle.where(paddle.isfinite(new), new, old), output=old)
+        self._set_weights(raw)
+
+    # ------------------------------------------------------------------ inspection
+
+    def traces(self) -> dict:
+        """The last computed statistics as ``{name: float}`` (traces, or gradient norms with ``mode="grad_norm"``)."""
+        if self._names is None:
+            return {}
+        return dict(zip(self._names, self.traces_buf.numpy().astype(np.float64).tolist()))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode!r}, reduction={self.reduction!r}, momentum={self.momentum}"
