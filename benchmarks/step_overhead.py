@@ -1,0 +1,233 @@
+"""Cost of a balanced training step relative to a plain summed-loss step, measured side by side.
+
+The Helmholtz PINN of the learning-rate annealing paper (2-50-50-50-1 tanh, Laplacian residual,
+128 points per term), in two setups: the paper's two terms (residual + one boundary group) and five terms
+(residual + four edges, as PaddleScience keys them). Every method trains from the same weights on the
+same points; methods are interleaved in rounds and the median step time over rounds is reported, with
+its ratio to the plain step of the same run. PaddleScience's aggregators (``ppsci.loss.mtl.Sum``,
+``GradNorm``, ``NTK``) are measured too when ``ppsci`` is importable.
+
+    python benchmarks/step_overhead.py                 # both setups, update_freq 1, 10, 100
+    python benchmarks/step_overhead.py --memory        # also peak memory, each method in its own process
+
+One CPU thread by default (``--threads``); on a GPU machine it runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _threads_from_argv() -> str:
+    for i, a in enumerate(sys.argv):
+        if a == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return "1"
+
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, _threads_from_argv())
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from paddle_pinn_balance import GradNorm, LRAnnealing  # noqa: E402
+
+try:
+    from paddle_pinn_balance import NTKWeighting  # noqa: E402
+except ImportError:  # before the NTK method existed
+    NTKWeighting = None
+
+EDGES = ("bc_left", "bc_right", "bc_bottom", "bc_top")
+
+
+def make_net(seed=0):
+    paddle.seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip([2, 50, 50, 50], [50, 50, 50, 1])):
+        layers.append(paddle.nn.Linear(a, b, weight_attr=paddle.nn.initializer.XavierNormal(),
+                                       bias_attr=paddle.nn.initializer.Constant(0.0)))
+        if i < 3:
+            layers.append(paddle.nn.Tanh())
+    return paddle.nn.Sequential(*layers)
+
+
+def make_points(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    pts = {"res": rng.uniform(-1, 1, (n, 2))}
+    s = rng.uniform(-1, 1, (n, 1))
+    one = np.ones((n, 1))
+    pts["bc_left"] = np.hstack([-one, s])
+    pts["bc_right"] = np.hstack([one, s])
+    pts["bc_bottom"] = np.hstack([s, -one])
+    pts["bc_top"] = np.hstack([s, one])
+    return {k: paddle.to_tensor(v.astype("float32")) for k, v in pts.items()}
+
+
+def helmholtz_losses(model, pts, terms):
+    x = pts["res"].detach()
+    x.stop_gradient = False
+    u = model(x)
+    du = paddle.grad(u, x, create_graph=True)[0]
+    u_xx = paddle.grad(du[:, 0:1], x, create_graph=True)[0][:, 0:1]
+    u_yy = paddle.grad(du[:, 1:2], x, create_graph=True)[0][:, 1:2]
+    a1, a2 = np.pi, 4 * np.pi
+    q = (-(a1 ** 2) - a2 ** 2 + 1.0) * paddle.sin(a1 * pts["res"][:, 0:1]) * paddle.sin(a2 * pts["res"][:, 1:2])
+    losses = {"res": ((u_xx + u_yy + u - q) ** 2).mean()}
+    edges = {e: (model(pts[e]) ** 2).mean() for e in EDGES}
+    if terms == 2:
+        losses["bc"] = edges["bc_left"] + edges["bc_right"] + edges["bc_bottom"] + edges["bc_top"]
+    else:
+        losses.update(edges)
+    return losses
+
+
+def plain_sum(losses, step):
+    return paddle.add_n(list(losses.values()))
+
+
+def build(method, freq, terms, net):
+    """(model to train, aggregator) for a method name."""
+    if method == "plain":
+        return net, plain_sum
+    if method == "lra":
+        return net, LRAnnealing(net, ref="res", update_freq=freq)
+    if method == "gradnorm":
+        wrapper = GradNorm(net, n_loss=terms, alpha=1.5, update_freq=freq)
+        return wrapper, wrapper.aggregator
+    if method == "ntk_grad_norm":
+        return net, NTKWeighting(net, mode="grad_norm", update_freq=freq)
+    from ppsci.loss import mtl
+
+    if method == "ppsci_sum":
+        return net, mtl.Sum()
+    if method == "ppsci_gradnorm":
+        return net, mtl.GradNorm(net, num_losses=terms, update_freq=freq)
+    if method == "ppsci_ntk":
+        return net, mtl.NTK(net, num_losses=terms, update_freq=freq)
+    raise ValueError(f"unknown method {method!r}")
+
+
+class Runner:
+    def __init__(self, method, freq, terms):
+        with paddle.utils.unique_name.guard():
+            self.model, self.agg = build(method, freq, terms, make_net())
+            self.opt = paddle.optimizer.Adam(1e-3, parameters=self.model.parameters())
+        self.pts = make_points()
+        self.terms = terms
+        self.step = 0
+
+    def run(self, n):
+        for _ in range(n):
+            total = self.agg(helmholtz_losses(self.model, self.pts, self.terms), self.step)
+            total.backward()
+            self.opt.step()
+            self.opt.clear_grad()
+            self.step += 1
+        _ = float(total)  # one synchronisation per block (GPU timing)
+
+
+def methods_available(with_ppsci):
+    names = ["lra", "gradnorm"] + (["ntk_grad_norm"] if NTKWeighting is not None else [])
+    if with_ppsci:
+        names += ["ppsci_gradnorm", "ppsci_ntk"]
+    return names
+
+
+def time_setup(terms, freqs, rounds, block, with_ppsci):
+    runners = {("plain", 1): Runner("plain", 1, terms)}
+    if with_ppsci:
+        runners[("ppsci_sum", 1)] = Runner("ppsci_sum", 1, terms)
+    for m in methods_available(with_ppsci):
+        for f in freqs:
+            runners[(m, f)] = Runner(m, f, terms)
+    for r in runners.values():  # warm-up (and the first update step, which fixes names and state)
+        r.run(3)
+    times = {k: [] for k in runners}
+    for _ in range(rounds):
+        for key, r in runners.items():
+            t0 = time.perf_counter()
+            r.run(block)
+            times[key].append((time.perf_counter() - t0) / block)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(method, freq, terms, steps):
+    """Peak memory of `steps` steps of one method, in a fresh process (CPU: max RSS; GPU: allocator peak)."""
+    code = (
+        "import sys, resource, json; sys.argv=['x','--threads','1']; "
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import step_overhead as b, paddle; "
+        f"r=b.Runner({method!r},{freq},{terms}); r.run(2); "
+        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "gpu=paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count()>0; "
+        "gpu and paddle.device.cuda.reset_max_memory_allocated(); "
+        f"r.run({steps}); "
+        "peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "print(json.dumps({'rss_mb': peak/1024, 'delta_mb': (peak-base)/1024, "
+        "'gpu_mb': paddle.device.cuda.max_memory_allocated()/2**20 if gpu else None}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--terms", type=int, nargs="+", default=[2, 5])
+    p.add_argument("--freqs", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--block", type=int, default=20, help="steps per timed block")
+    p.add_argument("--threads", default="1")
+    p.add_argument("--no-ppsci", action="store_true", help="skip PaddleScience's aggregators")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (one process per method)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    with_ppsci = False
+    if not args.no_ppsci:
+        try:
+            import ppsci.loss.mtl  # noqa: F401
+
+            with_ppsci = True
+        except ImportError:
+            print("ppsci not installed: PaddleScience's aggregators are not measured")
+    device = paddle.device.get_device()
+    print(f"device {device}, paddle {paddle.__version__}, threads {os.environ['OMP_NUM_THREADS']}, "
+          f"rounds {args.rounds} x {args.block} steps, median per step")
+    results = []
+    for terms in args.terms:
+        med = time_setup(terms, args.freqs, args.rounds, args.block, with_ppsci)
+        plain = med[("plain", 1)]
+        print(f"\n{terms} terms: plain step {plain * 1e3:.2f} ms")
+        print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
+              + (f"{'peak MB':>9}{'x plain':>9}" if args.memory else ""))
+        mem_plain = peak_memory("plain", 1, terms, 20) if args.memory else None
+        for (m, f), t in med.items():
+            ppsci_ratio = ""
+            if with_ppsci and m in ("lra", "gradnorm", "ntk_grad_norm"):
+                best = min(med[(pm, f)] for pm in ("ppsci_gradnorm", "ppsci_ntk"))
+                ppsci_ratio = f"{best / t:.2f}"
+            row = dict(terms=terms, method=m, update_freq=f, ms=t * 1e3, ratio=t / plain)
+            line = f"  {m:<16}{f:>12}{t * 1e3:>10.2f}{t / plain:>9.3f}{ppsci_ratio:>12}"
+            if args.memory:
+                mem = peak_memory(m, f, terms, 20)
+                key = "gpu_mb" if mem["gpu_mb"] is not None else "delta_mb"
+                row["peak_mb"] = mem[key]
+                line += f"{mem[key]:>9.1f}{mem[key] / max(mem_plain[key], 1e-9):>9.2f}"
+            results.append(row)
+            print(line)
+    if args.memory:
+        print("\npeak MB: CPU = growth of the process's max RSS during 20 steps after warm-up; GPU = allocator peak")
+    print("ppsci/ours: time of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
