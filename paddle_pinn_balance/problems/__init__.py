@@ -1,0 +1,128 @@
+"""Benchmark problems: a PDE, its exact solution, a sampler, loss terms and a network, in one object.
+
+Every problem follows the same small interface (:class:`Problem`), so one training loop
+(:func:`paddle_pinn_balance.train.train`) runs any of them with any balancer:
+
+* ``build_model(seed)`` -> a fresh ``paddle.nn.Layer`` (seeded initialisation);
+* ``sample(rng)`` -> a batch (``{name: Tensor}``) of fresh points drawn with a ``numpy.random.Generator``;
+* ``losses(model, batch)`` -> ``{term name: scalar loss}``, the mapping every balancer takes;
+* ``exact(x)`` -> the exact solution at points ``x`` (``numpy``, shape ``[N, d]`` -> ``[N, 1]``);
+* ``test_grid()`` -> test points ``[N, d]``, reshaped to ``grid_shape`` for plots;
+* ``optimizer(parameters)`` -> ``(optimizer, lr_scheduler or None)``, the paper's optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import paddle
+
+__all__ = ["MLP", "PROBLEMS", "Helmholtz2D", "Problem", "get_problem", "relative_l2"]
+
+
+class MLP(paddle.nn.Layer):
+    """Fully connected tanh network with fixed input standardisation ``(x - mean) / std``.
+
+    Weights are Xavier-normal (:math:`\\mathcal N(0, 2/(n_{in}+n_{out}))`), biases zero, as the
+    authors' code of the learning-rate annealing paper (``xavier_init``).
+
+    Args:
+        layers: widths, input first, output last (e.g. ``(2, 50, 50, 50, 1)``).
+        mean, std: per-coordinate standardisation of the inputs (buffers, not trained).
+    """
+
+    def __init__(self, layers: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(layers) < 2 or any(int(n) < 1 for n in layers):
+            raise ValueError(f"`layers` must list at least two positive widths; got {list(layers)}")
+        if len(mean) != layers[0] or len(std) != layers[0]:
+            raise ValueError(f"`mean` and `std` need {layers[0]} entries (the input width)")
+        self.register_buffer("mean", paddle.to_tensor([list(mean)], dtype="float32"))
+        if any(float(s) <= 0 for s in std):
+            raise ValueError(f"`std` entries must be positive; got {list(std)}")
+        # stored as 1/std: a product keeps third derivatives available (Paddle has no divide_double_grad grad)
+        self.register_buffer("inv_std", paddle.to_tensor([[1.0 / float(s) for s in std]], dtype="float32"))
+        init = {
+            "weight_attr": paddle.ParamAttr(initializer=paddle.nn.initializer.XavierNormal()),
+            "bias_attr": paddle.ParamAttr(initializer=paddle.nn.initializer.Constant(0.0)),
+        }
+        self.linears = paddle.nn.LayerList(
+            [paddle.nn.Linear(int(layers[i]), int(layers[i + 1]), **init) for i in range(len(layers) - 1)]
+        )
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = (x - self.mean) * self.inv_std
+        for layer in self.linears[:-1]:
+            h = paddle.tanh(layer(h))
+        return self.linears[-1](h)
+
+
+class Problem:
+    """Base of the benchmark problems (see the module docstring for the interface).
+
+    Subclasses set ``name``, ``loss_names``, ``axis_labels``, ``grid_shape`` and implement
+    ``build_model``, ``sample``, ``losses``, ``exact`` and ``test_grid``. The default optimizer is the
+    one of the learning-rate annealing paper: Adam, lr ``lr``, smooth exponential decay by
+    ``decay_rate`` every ``decay_steps`` iterations (the scheduler is stepped every iteration).
+    """
+
+    name = "problem"
+    loss_names: tuple = ()
+    axis_labels: tuple = ("x", "y")
+    grid_shape: tuple = ()
+    lr = 1e-3
+    decay_rate = 0.9
+    decay_steps = 1000
+
+    def build_model(self, seed: int) -> paddle.nn.Layer:
+        raise NotImplementedError
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+    def losses(self, model, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def exact(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def test_grid(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def optimizer(self, parameters):
+        """``(Adam, ExponentialDecay)`` with ``gamma = decay_rate ** (1 / decay_steps)``."""
+        sched = paddle.optimizer.lr.ExponentialDecay(
+            learning_rate=self.lr, gamma=self.decay_rate ** (1.0 / self.decay_steps)
+        )
+        return paddle.optimizer.Adam(learning_rate=sched, parameters=parameters), sched
+
+    @paddle.no_grad()
+    def predict(self, model, x: np.ndarray) -> np.ndarray:
+        """The model at points ``x`` (``numpy`` in, ``numpy`` out)."""
+        return model(paddle.to_tensor(np.asarray(x, dtype="float32"))).numpy()
+
+    def error(self, model) -> float:
+        """Relative L2 error of ``model`` on :meth:`test_grid`."""
+        x = self.test_grid()
+        return relative_l2(self.exact(x), self.predict(model, x))
+
+
+def relative_l2(u: np.ndarray, u_hat: np.ndarray) -> float:
+    """:math:`\\|u - \\hat u\\|_2 / \\|u\\|_2`."""
+    u = np.asarray(u, dtype=np.float64).ravel()
+    u_hat = np.asarray(u_hat, dtype=np.float64).ravel()
+    return float(np.linalg.norm(u - u_hat) / np.linalg.norm(u))
+
+
+from .helmholtz import Helmholtz2D  # imported last: it builds on Problem and MLP above
+
+#: name -> problem class (the CLI's and configs' names)
+PROBLEMS = {"helmholtz": Helmholtz2D}
+
+
+def get_problem(name: str, **kwargs) -> Problem:
+    """A problem by name (``helmholtz``), with keyword arguments for its constructor."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; allowed: {sorted(PROBLEMS)}")
+    return PROBLEMS[name](**kwargs)

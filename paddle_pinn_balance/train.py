@@ -1,0 +1,158 @@
+"""A generic PINN training loop: any :class:`~paddle_pinn_balance.problems.Problem` with any balancer.
+
+Runs with the same ``seed`` start from identical network weights (``paddle.seed``) and see identical
+point samples (a ``numpy`` generator of their own), so a plain and a balanced run differ only in the
+weighting.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from .config import REGISTRY, allowed_keys, build_balancer, load_config
+
+__all__ = ["train"]
+
+
+def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | None = None,
+          progress: bool = True, desc: str | None = None) -> dict:
+    """Train ``problem``'s network for ``iters`` iterations with the balancer ``balancer_config``.
+
+    Each iteration: fresh points ``problem.sample(rng)``, loss terms ``problem.losses(net, batch)``,
+    ``total = balancer(losses, step)``, ``total.backward()``, optimizer and learning-rate scheduler step.
+
+    Args:
+        problem: a :class:`~paddle_pinn_balance.problems.Problem`.
+        balancer_config: what :func:`~paddle_pinn_balance.build_balancer` takes (dict or YAML path).
+        iters: number of iterations (>= 1).
+        seed: seeds the initialisation (``paddle.seed``) and the point sampler (``numpy``).
+        log_every: record history every ``log_every`` steps (and at the last step); default ``iters // 100``.
+        progress: show a progress bar on stderr (``tqdm`` if installed, else a plain text bar).
+        desc: label of the progress bar (default: the balancer's name).
+
+    Returns:
+        ``dict`` with ``problem``, ``balancer`` (the config), ``iters``, ``seed``, ``rel_l2`` (final relative
+        L2 error on the test grid), ``weights`` (final, ``{name: float}``), ``wall_time_s`` (the training
+        loop), ``time_per_step_ms``, ``history`` (``step``, ``loss`` and ``weight`` per term, ``rel_l2`` and
+        ``lr`` at the log points) and ``model`` (the trained network; not JSON-serialisable, drop it before
+        saving).
+    """
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
+        raise ValueError(f"`iters` must be an integer >= 1; got {iters!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0; got {seed!r}")
+    if log_every is None:
+        log_every = max(1, iters // 100)
+    if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)) or log_every < 1:
+        raise ValueError(f"`log_every` must be an integer >= 1; got {log_every!r}")
+    config = load_config(balancer_config)
+
+    model = problem.build_model(seed)
+    build_config = dict(config)
+    name = config.get("name")
+    if name in REGISTRY and "loss_names" in allowed_keys(name) and not {"loss_names", "n_loss"} & set(config):
+        build_config["loss_names"] = list(problem.loss_names)  # fixes the term order (GradNorm needs it up front)
+    balancer = build_balancer(build_config, model)
+    net = getattr(balancer, "wrapper", None) or model  # grad_norm: train the wrapper (holds the loss weights)
+    optimizer, scheduler = problem.optimizer(net.parameters())
+    rng = np.random.default_rng(seed)
+
+    names = tuple(problem.loss_names)
+    history = {"step": [], "loss": {n: [] for n in names}, "weight": {n: [] for n in names}, "rel_l2": [], "lr": []}
+    bar = _progress(iters, desc or config["name"], enabled=progress)
+    start = time.perf_counter()
+    for step in range(iters):
+        losses = problem.losses(net, problem.sample(rng))
+        total = balancer(losses, step)
+        total.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        if scheduler is not None:
+            scheduler.step()
+        if step % log_every == 0 or step == iters - 1:
+            values = {n: float(losses[n]) for n in names}
+            history["step"].append(step)
+            for n in names:
+                history["loss"][n].append(values[n])
+            for n, w in balancer.weights.items():
+                history["weight"][n].append(w)
+            history["rel_l2"].append(problem.error(net))
+            history["lr"].append(float(optimizer.get_lr()))
+            bar.set_postfix({n: f"{v:.2e}" for n, v in values.items()}, refresh=False)
+        bar.update(1)
+    wall = time.perf_counter() - start
+    bar.close()
+    return {
+        "problem": problem.name,
+        "balancer": dict(config),
+        "iters": int(iters),
+        "seed": int(seed),
+        "rel_l2": problem.error(net),
+        "weights": balancer.weights,
+        "wall_time_s": wall,
+        "time_per_step_ms": 1e3 * wall / iters,
+        "history": history,
+        "model": net,
+    }
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _TextBar(total, desc)
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+class _TextBar:
+    """A minimal progress bar on stderr (used when ``tqdm`` is not installed)."""
+
+    width = 30
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.start = self._last = time.perf_counter()
+        self.interactive = sys.stderr.isatty()
+
+    def set_postfix(self, values: dict, refresh: bool = True):
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1):
+        self.n += n
+        now = time.perf_counter()
+        # redraw at most twice a second on a terminal, every 10% otherwise (logs stay short)
+        due = now - self._last >= 0.5 if self.interactive else self.n % max(1, self.total // 10) == 0
+        if due or self.n == self.total:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float):
+        frac = self.n / self.total
+        filled = int(self.width * frac)
+        elapsed = now - self.start
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        line = (f"{self.desc}: {100 * frac:3.0f}% |{'#' * filled}{'.' * (self.width - filled)}| "
+                f"{self.n}/{self.total} [{elapsed:.0f}s<{eta:.0f}s] {self.postfix}")
+        sys.stderr.write(("\r" + line) if self.interactive else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self):
+        if self.interactive:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
