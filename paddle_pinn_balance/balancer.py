@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import paddle
 
-from .gradients import assembled_total, term_gradients
+from .gradients import assembled_total, mean_across_ranks, term_gradients
 
 __all__ = ["Balancer", "Sum"]
 
@@ -95,6 +96,12 @@ class Balancer(paddle.nn.Layer):
             backward writes the already computed ``sum_i lambda_i dL_i/dtheta`` into the parameters
             (no second backward; every trainable tensor the losses depend on must then be among the
             balancer's parameters). ``False``: return the plain weighted sum (a second backward).
+        check_every: every this many update steps, read the device-side counts of terms whose gradient
+            was non-finite or zero and warn naming them (one synchronisation; 0: only on
+            :meth:`check_terms`).
+
+    Data-parallel training: per-term gradients (and GradNorm's losses) are averaged over the ranks
+    before any statistic, so every rank computes the same weights, those of one process on all points.
 
     Calling with ``step=None`` uses the number of earlier calls as the step.
     """
@@ -113,11 +120,14 @@ class Balancer(paddle.nn.Layer):
         max_weight: Optional[float] = None,
         eps: float = 1e-8,
         assemble: bool = True,
+        check_every: int = 100,
     ):
         super().__init__()
         if not isinstance(assemble, bool):
             raise ValueError(f"`assemble` must be true or false; got {assemble!r}")
         self.assemble = assemble
+        self.check_every = check_int("check_every", check_every, minimum=0)
+        self._updates_since_check = 0
         self.update_freq = check_int("update_freq", update_freq)
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
         self.min_weight = check_float("min_weight", min_weight, 0.0, optional=True)
@@ -161,6 +171,7 @@ class Balancer(paddle.nn.Layer):
         """Create the per-term state once the number of terms ``k`` is known."""
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
+        self.register_buffer("bad_term_counts", paddle.zeros([2, k], dtype="int64"), persistable=False)
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -215,11 +226,46 @@ class Balancer(paddle.nn.Layer):
             self._update(values)
             return weighted_sum(values, self._weight_vector())
         # per-term gradients once; with `assemble` the total's backward reuses them (no second backward)
-        G = term_gradients(values, self._params, retain_graph=not self.assemble)
+        local = term_gradients(values, self._params, retain_graph=not self.assemble)
+        G = mean_across_ranks(local)  # data-parallel: the gradient on the union of the ranks' points
+        self._record_bad_terms(G)
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
-        total = assembled_total(values, w, G, self._params) if self.assemble else weighted_sum(values, w)
+        # the local gradients: a DataParallel model's own backward hooks average them across ranks
+        total = assembled_total(values, w, local, self._params) if self.assemble else weighted_sum(values, w)
         return total if extra is None else total + extra
+
+    @paddle.no_grad()
+    def _record_bad_terms(self, G: paddle.Tensor) -> None:
+        """Count, on the device, update steps where a term's gradient is non-finite or identically zero;
+        every ``check_every`` updates the counts are read (one synchronisation) and a warning names the
+        terms (their weights were kept)."""
+        nonfinite = (~paddle.isfinite(G).all(axis=1)).astype("int64")
+        zero = (paddle.abs(G).max(axis=1) == 0).astype("int64")
+        self.bad_term_counts.add_(paddle.stack([nonfinite, zero]))
+        self._updates_since_check += 1
+        if self.check_every and self._updates_since_check >= self.check_every:
+            self.check_terms()
+
+    def check_terms(self) -> dict:
+        """Warn about terms whose gradient was non-finite or zero since the last check; returns the counts
+        ``{name: (non-finite updates, zero-gradient updates)}`` and resets them (synchronises)."""
+        self._updates_since_check = 0
+        if self._names is None or not hasattr(self, "bad_term_counts"):
+            return {}
+        counts = self.bad_term_counts.numpy()
+        self.bad_term_counts.set_value(paddle.zeros_like(self.bad_term_counts))
+        out = {n: (int(counts[0, i]), int(counts[1, i])) for i, n in enumerate(self._names)}
+        nonfinite = [n for n, c in out.items() if c[0]]
+        zero = [n for n, c in out.items() if c[1]]
+        if nonfinite:
+            warnings.warn(f"{type(self).__name__}: non-finite gradient for term(s) {nonfinite} "
+                          f"({[out[n][0] for n in nonfinite]} update step(s)); those updates were skipped and "
+                          "the previous weights kept", RuntimeWarning, stacklevel=3)
+        if zero:
+            warnings.warn(f"{type(self).__name__}: term(s) {zero} have an identically zero gradient (not "
+                          "connected to the parameters?); their weights were kept", RuntimeWarning, stacklevel=3)
+        return out
 
     #: Methods whose statistics read per-term parameter gradients set this, and `_params`.
     needs_gradients = False

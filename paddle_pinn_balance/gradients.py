@@ -17,6 +17,45 @@ import paddle
 PARAM_SUBSETS = ("all", "weights")
 
 
+def world_size() -> int:
+    """Number of data-parallel ranks (1 without ``paddle.distributed``); reads the environment only."""
+    try:
+        import paddle.distributed as dist
+
+        return dist.get_world_size() if dist.is_initialized() else 1
+    except (ImportError, RuntimeError, ValueError):  # a build or a state without distributed support
+        return 1
+
+
+def mean_across_ranks(t: paddle.Tensor) -> paddle.Tensor:
+    """``t`` averaged over data-parallel ranks (identity, at no cost, on one rank).
+
+    Each rank's loss is a mean over its own points, so with equal batches the mean of the ranks'
+    gradients (and losses) is the gradient (and loss) of the mean over the union of their points: every
+    statistic computed from it afterwards (max, mean, norm, GradNorm's G_i and loss ratios) is exactly the
+    single-process statistic on all the points, identical on every rank.
+    """
+    n = world_size()
+    if n == 1:
+        return t
+    import paddle.distributed as dist
+
+    out = t.clone()
+    dist.all_reduce(out)
+    return out / n
+
+
+def sum_across_ranks(t: paddle.Tensor) -> paddle.Tensor:
+    """``t`` summed over data-parallel ranks (identity on one rank): for sums over points (NTK traces)."""
+    if world_size() == 1:
+        return t
+    import paddle.distributed as dist
+
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def trainable_parameters(model_or_params, subset: str = "all") -> List[paddle.Tensor]:
     """The trainable parameters of a ``paddle.nn.Layer`` (or of a list of parameters).
 

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 
 from .balancer import Balancer, check_float, check_int
-from .gradients import flat_grad, trainable_parameters, weights_first
+from .gradients import flat_grad, mean_across_ranks, trainable_parameters, weights_first
 
 
 def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
@@ -141,7 +141,7 @@ class GradNormBalancer(Balancer):
             raise ValueError(f"GradNorm was built for n_loss={self.n_loss} terms; got {len(names)}: {list(names)}")
 
     def _create_state(self, k):
-        pass  # all state was created in __init__ (the number of terms is known there)
+        super()._create_state(k)  # the learned weights and the initial losses were created in __init__
 
     def _weight_vector(self):
         return self.loss_weights
@@ -183,7 +183,7 @@ class GradNormBalancer(Balancer):
     @paddle.no_grad()
     def _capture_initial(self, values) -> None:
         if not self._has_initial:
-            stacked = paddle.stack([v.detach() for v in values]).astype(self.initial_losses.dtype)
+            stacked = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(self.initial_losses.dtype))
             paddle.assign(stacked, output=self.initial_losses)
             self.has_initial_losses.set_value(paddle.ones([1], dtype="int64"))
             self._has_initial = True
@@ -203,7 +203,8 @@ class GradNormBalancer(Balancer):
             w = self.loss_weights.detach()
             norms = norms.astype(w.dtype)
             G = w * norms
-            ratio = paddle.stack([v.detach() for v in values]).astype(w.dtype) / (self.initial_losses + self.eps)
+            current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(w.dtype))
+            ratio = current / (self.initial_losses + self.eps)
             r = ratio / (ratio.mean() + self.eps)
             target = G.mean() * paddle.pow(r, self.alpha)
             diff = G - target

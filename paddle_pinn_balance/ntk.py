@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 
 from .balancer import Balancer, check_choice, check_int
-from .gradients import trainable_parameters
+from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
 
 MODES = ("trace", "grad_norm")
@@ -207,9 +207,9 @@ class NTKWeighting(Balancer):
                               "the fast path supports a paddle.nn.Sequential of Linear layers and elementwise "
                               "activations, and kernels that only call model(x) with one row per point",
                               stacklevel=3)
-            tr = sq.sum() if self.reduction == "sum" else sq.mean()
-            out.append(tr.astype("float64"))
-        return paddle.stack(out)
+            out.append(paddle.stack([sq.sum(), paddle.full([], sq.shape[0], dtype=sq.dtype)]).astype("float64"))
+        sums, counts = sum_across_ranks(paddle.stack(out)).unbind(axis=1)  # data-parallel: the union's points
+        return sums if self.reduction == "sum" else sums / counts
 
     def _update_from_gradients(self, values, G):
         """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
