@@ -20,6 +20,7 @@ Methods differ only in how they turn per-term statistics into raw weight estimat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -47,6 +48,12 @@ def check_float(name, value, low=None, high=None, low_open=False, high_open=Fals
     """Return ``value`` as a finite float inside the given interval, or raise ``ValueError``."""
     if value is None and optional:
         return None
+    if isinstance(value, str):
+        hint = ""
+        with contextlib.suppress(ValueError):
+            mantissa, exponent = f"{float(value):.1e}".split("e")
+            hint = f" (YAML reads {value} as a string: write {mantissa}e{int(exponent)})"
+        raise ValueError(f"`{name}` must be a finite number; got the string {value!r}{hint}")
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number; got {value!r}")
     value = float(value)
@@ -127,6 +134,7 @@ class Balancer(paddle.nn.Layer):
             raise ValueError(f"`assemble` must be true or false; got {assemble!r}")
         self.assemble = assemble
         self.check_every = check_int("check_every", check_every, minimum=0)
+        self._losses_finite = None  # set on each update step (a device bool)
         self._updates_since_check = 0
         self.update_freq = check_int("update_freq", update_freq)
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -222,6 +230,8 @@ class Balancer(paddle.nn.Layer):
     def _total(self, values: list, update: bool) -> paddle.Tensor:
         if not update:
             return weighted_sum(values, self._weight_vector())
+        # an overflowing (or NaN) loss skips this update whatever the method's statistics say
+        self._losses_finite = paddle.isfinite(paddle.stack([v.detach() for v in values])).all()
         if not self.needs_gradients:
             self._update(values)
             return weighted_sum(values, self._weight_vector())
@@ -290,7 +300,10 @@ class Balancer(paddle.nn.Layer):
         raw = raw.astype(old.dtype)
         new = raw if self.momentum == 0.0 else self.momentum * old + (1.0 - self.momentum) * raw
         new = self._clip(new)
-        paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
+        ok = paddle.isfinite(new).all()
+        if self._losses_finite is not None:
+            ok = ok & self._losses_finite
+        paddle.assign(paddle.where(ok, new, old), output=old)
 
     def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
         if self.min_weight is None and self.max_weight is None:

@@ -73,7 +73,8 @@ class GradNormBalancer(Balancer):
 
     * ``alpha``: the asymmetry :math:`\alpha` (1.5 on NYUv2, 0.12 on the paper's toy problem);
     * :math:`W`: see :func:`shared_parameters` (``shared_params``);
-    * :math:`L_i(0)`: the losses of the first call (``reset_initial_losses()`` takes them again);
+    * :math:`L_i(0)`: the losses of the first update (the first finite, positive one of each term;
+      ``reset_initial_losses()`` takes them again);
     * ``weight_attr``: initial weights (a number, a list of ``T`` numbers, or a
       ``paddle.ParamAttr``); ones by default.
 
@@ -108,7 +109,10 @@ class GradNormBalancer(Balancer):
         max_weight: Optional[float] = None,
         eps: float = 1e-8,
         assemble: bool = True,
+        check_every: int = 100,
     ):
+        if loss_names is not None and (isinstance(loss_names, str) or not isinstance(loss_names, Sequence)):
+            raise ValueError(f"`loss_names` must be a list of strings; got {loss_names!r}")
         if n_loss is None:
             if loss_names is None:
                 raise ValueError("GradNorm needs `n_loss` or `loss_names`")
@@ -119,7 +123,7 @@ class GradNormBalancer(Balancer):
         self._n_shared = sum(int(np.prod(p.shape)) for p in self._shared)
         self._params = weights_first(trainable_parameters(net), self._shared)  # W leads: G[:, :n_shared]
         super().__init__(loss_names=None, update_freq=update_freq, min_weight=min_weight, max_weight=max_weight,
-                         eps=eps, assemble=assemble)
+                         eps=eps, assemble=assemble, check_every=check_every)
         if self.min_weight is None:
             self.min_weight = self.eps
         # float64 nets get float64 weights (one optimizer must hold both); anything else float32
@@ -128,9 +132,8 @@ class GradNormBalancer(Balancer):
             [self.n_loss], dtype=dtype, attr=_weight_attr(weight_attr, self.n_loss, dtype)
         )
         self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
-        self.register_buffer("has_initial_losses", paddle.zeros([1], dtype="int64"))
+        self.register_buffer("has_initial_losses", paddle.zeros([self.n_loss], dtype="bool"))
         self.register_buffer("last_grad_norm_loss", paddle.zeros([1], dtype="float32"))
-        self._has_initial = False  # host mirror of `has_initial_losses`
         if loss_names is not None:
             self._set_names(loss_names)
 
@@ -147,16 +150,14 @@ class GradNormBalancer(Balancer):
         return self.loss_weights
 
     def _extra_state_shapes(self, k):
-        return {"initial_losses": [k], "has_initial_losses": [1], "last_grad_norm_loss": [1]}
+        return {"initial_losses": [k], "has_initial_losses": [k], "last_grad_norm_loss": [1]}
 
     def _after_load(self):
         super()._after_load()
-        self._has_initial = bool(self.has_initial_losses.numpy()[0])
 
     def reset_initial_losses(self) -> None:
         """Take :math:`L_i(0)` again at the next call."""
-        self._has_initial = False
-        self.has_initial_losses.set_value(paddle.zeros([1], dtype="int64"))
+        self.has_initial_losses.set_value(paddle.zeros([self.n_loss], dtype="bool"))
 
     # ------------------------------------------------------------------ the method
 
@@ -182,15 +183,15 @@ class GradNormBalancer(Balancer):
 
     @paddle.no_grad()
     def _capture_initial(self, values) -> None:
-        if not self._has_initial:
-            stacked = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(self.initial_losses.dtype))
-            paddle.assign(stacked, output=self.initial_losses)
-            self.has_initial_losses.set_value(paddle.ones([1], dtype="int64"))
-            self._has_initial = True
+        """:math:`L_i(0)`: the first finite, positive loss of each term (on the device, no sync): a term
+        whose first loss is NaN, Inf or 0 is taken at a later update, and its ratio is 1 until then."""
+        current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(self.initial_losses.dtype))
+        take = ~self.has_initial_losses & paddle.isfinite(current) & (current > 0)
+        paddle.assign(paddle.where(take, current, self.initial_losses), output=self.initial_losses)
+        paddle.assign(self.has_initial_losses | take, output=self.has_initial_losses)
 
     def _before_call(self, values):
         self._renormalise()
-        self._capture_initial(values)
 
     def weight_gradient(self, values, norms=None) -> tuple:
         """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation.
@@ -204,19 +205,23 @@ class GradNormBalancer(Balancer):
             norms = norms.astype(w.dtype)
             G = w * norms
             current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(w.dtype))
-            ratio = current / (self.initial_losses + self.eps)
+            ratio = paddle.where(self.has_initial_losses, current / (self.initial_losses + self.eps),
+                                 paddle.ones_like(current))
             r = ratio / (ratio.mean() + self.eps)
             target = G.mean() * paddle.pow(r, self.alpha)
             diff = G - target
             l_grad = paddle.abs(diff).sum()
             grad = paddle.sign(diff) * norms
             grad = paddle.where(paddle.isfinite(grad), grad, paddle.zeros_like(grad))
-            paddle.assign(l_grad.reshape([1]).astype("float32"), output=self.last_grad_norm_loss)
+            l_host = l_grad.reshape([1]).astype("float32")
+            paddle.assign(paddle.where(paddle.isfinite(l_host), l_host, self.last_grad_norm_loss),
+                          output=self.last_grad_norm_loss)
         return l_grad, grad
 
     needs_gradients = True
 
     def _update_from_gradients(self, values, G):
+        self._capture_initial(values)
         W = G[:, : self._n_shared] if G.shape[1] != self._n_shared else G
         _, grad = self.weight_gradient(values, norms=paddle.sqrt((W * W).sum(axis=1)))
         # value exactly 0 (s - s.detach()); backward: d/dw = grad, nothing into the net

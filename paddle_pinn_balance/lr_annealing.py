@@ -109,6 +109,7 @@ class LRAnnealing(Balancer):
         preset: Optional[str] = None,
         loss_names: Optional[Sequence[str]] = None,
         assemble: bool = True,
+        check_every: int = 100,
     ):
         chosen = dict(_DEFAULTS)
         if preset is not None:
@@ -143,6 +144,7 @@ class LRAnnealing(Balancer):
             max_weight=max_weight,
             eps=eps,
             assemble=assemble,
+            check_every=check_every,
         )
 
     def _check_names(self, names):

@@ -124,6 +124,7 @@ class NTKWeighting(Balancer):
         path: str = "auto",
         loss_names: Sequence[str] | None = None,
         assemble: bool = True,
+        check_every: int = 100,
     ):
         if not isinstance(model, paddle.nn.Layer):
             raise ValueError(f"`model` must be a paddle.nn.Layer; got {type(model).__name__}")
@@ -159,6 +160,7 @@ class NTKWeighting(Balancer):
             max_weight=max_weight,
             eps=0.0,
             assemble=assemble,
+            check_every=check_every,
         )
 
     @property
