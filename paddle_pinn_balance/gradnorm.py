@@ -196,7 +196,7 @@ class GradNormBalancer(Balancer):
     def weight_gradient(self, values, norms=None) -> tuple:
         """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation.
 
-        ``norms``: :math:`\|\nabla_W L_i\|_2` if already known (else taken here with ``paddle.grad``).
+        ``norms``: :math:`\\|\\nabla_W L_i\\|_2` if already known (else taken here with ``paddle.grad``).
         """
         if norms is None:
             norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])

@@ -8,8 +8,7 @@ import numpy as np
 import paddle
 
 from .balancer import Balancer, check_choice, check_float, check_int
-from .gradients import PARAM_SUBSETS, REDUCTIONS, STATISTICS, Segments, statistic, trainable_parameters
-from .gradients import weights_first
+from .gradients import PARAM_SUBSETS, REDUCTIONS, STATISTICS, Segments, statistic, trainable_parameters, weights_first
 
 #: variant -> (current lambda inside the denominator, weight of the new estimate)
 VARIANTS = {"siam": (True, 0.1), "arxiv": (False, 0.9)}

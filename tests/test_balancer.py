@@ -3,9 +3,9 @@
 import numpy as np
 import paddle
 import pytest
+from reference import make_net
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, Sum
-from reference import make_net
 
 NAMES = ("res", "bc")
 
@@ -230,6 +230,6 @@ def test_update_step_makes_no_host_synchronisation(kind, monkeypatch):
     for step in (2, 3):  # an update step and a plain step
         bal(partly_connected_losses(model, step), step).backward()
     with pytest.raises(AssertionError, match="synchronisation"):
-        bal.weights  # inspection does synchronise: the patch is live
+        _ = bal.weights  # inspection does synchronise: the patch is live
     monkeypatch.undo()
     assert all(np.isfinite(v) for v in bal.weights.values())

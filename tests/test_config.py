@@ -3,10 +3,10 @@ import os
 
 import paddle
 import pytest
+from reference import make_net
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, Sum, build_balancer
 from paddle_pinn_balance.gradnorm import GradNormBalancer
-from reference import make_net
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 

@@ -26,9 +26,9 @@ def points(step, rank, world):
 
 def train(kind, rank, world):
     import paddle
+    from reference import make_net
 
     from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, Sum
-    from reference import make_net
 
     net = make_net((2, 6, 6, 1), seed=3)
     model = paddle.DataParallel(net) if world > 1 else net

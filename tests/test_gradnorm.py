@@ -1,10 +1,10 @@
 import numpy as np
 import paddle
 import pytest
+from reference import make_net, mse_and_grads, numpy_params
 
 from paddle_pinn_balance import GradNorm
 from paddle_pinn_balance.gradnorm import GradNormBalancer, shared_parameters
-from reference import make_net, mse_and_grads, numpy_params
 
 NAMES = ("res", "bc", "ic")
 
@@ -154,7 +154,7 @@ def test_wrapper_forwards_attributes_and_forward():
     assert any(p is wrapper.loss_weights for p in wrapper.parameters())
     assert set(wrapper.state_dict()) >= {"net.trunk.0.weight", "aggregator.loss_weights"}
     with pytest.raises(AttributeError):
-        wrapper.no_such_attribute
+        _ = wrapper.no_such_attribute
 
 
 def test_shared_layer_resolution():

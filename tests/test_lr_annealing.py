@@ -4,9 +4,9 @@ import math
 import numpy as np
 import paddle
 import pytest
+from reference import lra_estimate, make_net, mse_and_grads, numpy_params
 
 from paddle_pinn_balance import LRAnnealing
-from reference import lra_estimate, make_net, mse_and_grads, numpy_params
 
 NAMES = ("res", "bc", "ic")
 

@@ -137,7 +137,7 @@ def test_weights_carry_no_gradient_and_permute_with_terms():
     losses = {n: paddle.to_tensor(2.0, stop_gradient=False) for n in NAMES}
     total = ntk(losses, 0)
     total.backward()
-    for i, n in enumerate(NAMES):
+    for n in NAMES:
         np.testing.assert_allclose(float(losses[n].grad), ntk.weights[n], rtol=1e-6)
     assert ntk.lambdas.stop_gradient and ntk.traces_buf.stop_gradient
     order = ("ic", "res", "bc")
@@ -159,7 +159,7 @@ def test_state_round_trip(tmp_path):
     fresh = NTKWeighting(net, **kw)
     fresh.set_state_dict(paddle.load(path))
     assert fresh.traces() == ntk.traces() and fresh.weights == ntk.weights
-    for step in range(3, 5):
+    for _ in range(3, 5):
         losses = losses_for(net, points)
         np.testing.assert_array_equal(ntk(losses, None).numpy(), fresh(losses, None).numpy())
         assert fresh.weights == ntk.weights and fresh.traces() == ntk.traces()

@@ -8,10 +8,10 @@ import numpy as np
 import paddle
 import paddle.amp.grad_scaler as grad_scaler
 import pytest
+from reference import make_net
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, Sum, build_balancer
 from paddle_pinn_balance.config import REGISTRY, allowed_keys
-from reference import make_net
 
 
 def kernels_for(pts):
