@@ -12,7 +12,7 @@ setup(
     install_requires=["paddlepaddle>=2.6", "numpy", "pyyaml"],
     extras_require={
         "test": ["pytest"],
-        "plot": ["matplotlib"],
+        "plot": ["matplotlib", "tqdm"],
         "ppsci": ["paddlesci"],
     },
     entry_points={"console_scripts": ["pinn-balance=paddle_pinn_balance.cli:main"]},
