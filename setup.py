@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["paddlepaddle>=2.6", "numpy", "pyyaml"],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],
         "plot": ["matplotlib", "tqdm"],
         "ppsci": ["paddlesci"],
     },
