@@ -145,6 +145,7 @@ class Balancer(paddle.nn.Layer):
         self.eps = check_float("eps", eps, 0.0)
         self._names: Optional[tuple] = None
         self._calls = 0  # host mirror of the `num_calls` buffer (never read back on the hot path)
+        self._one = paddle.ones([1], dtype="int64")  # a non-persistable buffer (paddle registers tensors)
         self.register_buffer("num_calls", paddle.zeros([1], dtype="int64"))
         self.register_buffer("num_updates", paddle.zeros([1], dtype="int64"))
         if loss_names is not None:
@@ -193,11 +194,11 @@ class Balancer(paddle.nn.Layer):
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise ValueError(f"`step` must be an integer or None; got {step!r}")
         self._calls += 1
-        self.num_calls.add_(paddle.ones([1], dtype="int64"))
+        self.num_calls.add_(self._one)
         self._before_call(values)
         update = step % self.update_freq == 0
         if update:
-            self.num_updates.add_(paddle.ones([1], dtype="int64"))
+            self.num_updates.add_(self._one)
         return self._total(values, update)
 
     def _validate(self, losses) -> list:
@@ -208,9 +209,9 @@ class Balancer(paddle.nn.Layer):
         if self._names is None:
             self._set_names(list(losses.keys()))
         names = self._names
-        missing = [n for n in names if n not in losses]
-        extra = [n for n in losses if n not in names]
-        if missing or extra:
+        if len(losses) != len(names) or any(n not in losses for n in names):
+            missing = [n for n in names if n not in losses]
+            extra = [n for n in losses if n not in names]
             raise ValueError(
                 f"loss names changed: missing {missing}, unexpected {extra}; expected {list(names)}"
             )
@@ -219,40 +220,42 @@ class Balancer(paddle.nn.Layer):
             v = losses[n]
             if not isinstance(v, paddle.Tensor):
                 raise ValueError(f"loss {n!r} must be a paddle.Tensor; got {type(v).__name__}")
-            if int(np.prod(v.shape)) != 1:
-                raise ValueError(f"loss {n!r} must be a scalar; got shape {list(v.shape)}")
-            values.append(v.reshape([]))
+            shape = v.shape
+            if shape:
+                if int(np.prod(shape)) != 1:
+                    raise ValueError(f"loss {n!r} must be a scalar; got shape {list(shape)}")
+                v = v.reshape([])
+            values.append(v)
         return values
 
     def _before_call(self, values: list) -> None:
         """Hook run on every call before the update decision (GradNorm: renormalise, capture L(0))."""
 
     def _total(self, values: list, update: bool) -> paddle.Tensor:
+        stacked = paddle.stack(values)
         if not update:
-            return weighted_sum(values, self._weight_vector())
-        # an overflowing (or NaN) loss skips this update whatever the method's statistics say
-        self._losses_finite = paddle.isfinite(paddle.stack([v.detach() for v in values])).all()
+            return weighted_sum(stacked, self._weight_vector())
         if not self.needs_gradients:
+            # an overflowing (or NaN) loss skips this update whatever the kernels' statistics say
+            self._losses_finite = paddle.isfinite(stacked.detach()).all()
             self._update(values)
-            return weighted_sum(values, self._weight_vector())
+            return weighted_sum(stacked, self._weight_vector())
         # per-term gradients once; with `assemble` the total's backward reuses them (no second backward)
         local = term_gradients(values, self._params, retain_graph=not self.assemble)
         G = mean_across_ranks(local)  # data-parallel: the gradient on the union of the ranks' points
-        self._record_bad_terms(G)
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
         # the local gradients: a DataParallel model's own backward hooks average them across ranks
-        total = assembled_total(values, w, local, self._params) if self.assemble else weighted_sum(values, w)
+        total = assembled_total(stacked, w, local, self._params) if self.assemble else weighted_sum(stacked, w)
         return total if extra is None else total + extra
 
     @paddle.no_grad()
-    def _record_bad_terms(self, G: paddle.Tensor) -> None:
-        """Count, on the device, update steps where a term's gradient is non-finite or identically zero;
-        every ``check_every`` updates the counts are read (one synchronisation) and a warning names the
-        terms (their weights were kept)."""
-        nonfinite = (~paddle.isfinite(G).all(axis=1)).astype("int64")
-        zero = (paddle.abs(G).max(axis=1) == 0).astype("int64")
-        self.bad_term_counts.add_(paddle.stack([nonfinite, zero]))
+    def _record_bad_terms(self, scale: paddle.Tensor) -> None:
+        """Count, on the device, update steps where a term's gradient statistic ``scale`` (any per-term
+        quantity that is non-finite exactly when the term's gradient is, and 0 exactly when it is zero)
+        was non-finite or zero; every ``check_every`` updates the counts are read (one synchronisation)
+        and a warning names the terms (their weights were kept)."""
+        self.bad_term_counts.add_(paddle.stack([~paddle.isfinite(scale), scale == 0]).astype("int64"))
         self._updates_since_check += 1
         if self.check_every and self._updates_since_check >= self.check_every:
             self.check_terms()
@@ -294,16 +297,22 @@ class Balancer(paddle.nn.Layer):
         raise NotImplementedError  # abstract: every concrete balancer overrides one of the two hooks
 
     @paddle.no_grad()
-    def _set_weights(self, raw: paddle.Tensor) -> None:
-        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any value is non-finite."""
+    def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
+        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any value is non-finite.
+
+        ``scale``: the per-term gradient statistic, for the non-finite / zero-gradient bookkeeping.
+        """
         old = self.lambdas
-        raw = raw.astype(old.dtype)
-        new = raw if self.momentum == 0.0 else self.momentum * old + (1.0 - self.momentum) * raw
+        if raw.dtype != old.dtype:
+            raw = raw.astype(old.dtype)
+        new = raw if self.momentum == 0.0 else paddle.lerp(old, raw, 1.0 - self.momentum)
         new = self._clip(new)
         ok = paddle.isfinite(new).all()
         if self._losses_finite is not None:
             ok = ok & self._losses_finite
         paddle.assign(paddle.where(ok, new, old), output=old)
+        if scale is not None:
+            self._record_bad_terms(scale)
 
     def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
         if self.min_weight is None and self.max_weight is None:
@@ -369,13 +378,12 @@ class Balancer(paddle.nn.Layer):
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
 
 
-def weighted_sum(values: list, weights: paddle.Tensor) -> paddle.Tensor:
-    """``sum_i w_i L_i`` with the weights detached, in the losses' dtype (a few whole-array ops)."""
-    stacked = paddle.stack(values)
-    w = weights.detach()
+def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
+    """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype."""
+    w = weights if weights.stop_gradient else weights.detach()
     if w.dtype != stacked.dtype:
         w = w.astype(stacked.dtype)
-    return (stacked * w).sum()
+    return paddle.dot(stacked, w)
 
 
 class Sum(Balancer):
@@ -410,4 +418,4 @@ class Sum(Balancer):
         self.lambdas.set_value(paddle.to_tensor(init, dtype="float32"))
 
     def _total(self, values, update):
-        return weighted_sum(values, self.lambdas)
+        return weighted_sum(paddle.stack(values), self.lambdas)

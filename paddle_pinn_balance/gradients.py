@@ -111,20 +111,20 @@ def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tens
     return paddle.stack([flat_grad(v, params, retain_graph or i < last) for i, v in enumerate(values)])
 
 
-def assembled_total(values: Sequence[paddle.Tensor], weights: paddle.Tensor, G: paddle.Tensor,
+def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
                     params: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """A scalar whose value is ``sum_i w_i L_i`` and whose backward writes ``sum_i w_i G[i]`` into ``params``.
 
-    ``s = theta . g`` with ``g = w^T G`` held constant; ``value + (s - s.detach())`` adds exactly zero to the
-    value, and its backward is ``d s / d theta = g``: no second backward through the losses' graph.
+    ``stacked``: the losses as one vector. ``s = theta . g`` with ``g = w^T G`` held constant;
+    ``value + (s - s.detach())`` adds exactly zero to the value, and its backward is ``d s / d theta = g``:
+    no second backward through the losses' graph.
     """
-    stacked = paddle.stack([v.detach() for v in values])
-    w = weights.detach()
-    value = (stacked * w.astype(stacked.dtype)).sum()
-    g = paddle.matmul(w.astype(G.dtype), G)
-    theta = paddle.concat([p.reshape([-1]) for p in params])
-    s = (theta * g).sum()
-    return value + (s - s.detach()).astype(value.dtype)
+    w = weights if weights.stop_gradient else weights.detach()
+    value = paddle.dot(stacked.detach(), w if w.dtype == stacked.dtype else w.astype(stacked.dtype))
+    g = paddle.matmul(w if w.dtype == G.dtype else w.astype(G.dtype), G)
+    s = paddle.dot(paddle.concat([p.reshape([-1]) for p in params]), g)
+    zero = s - s.detach()
+    return value + (zero if zero.dtype == value.dtype else zero.astype(value.dtype))
 
 
 def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
@@ -168,24 +168,29 @@ STATISTICS = ("max", "mean", "norm")
 REDUCTIONS = ("flat", "layer_mean", "layer_max_ratio")
 
 
-def statistic(G: paddle.Tensor, stat: str, reduction: str, segments: Segments) -> paddle.Tensor:
-    """One number per row of ``G`` (``flat``/``layer_mean``) or per row and segment (``layer_max_ratio``).
+def ratio_statistics(G: paddle.Tensor, stat: str, reduction: str, segments: Segments) -> tuple:
+    """``(numerator, denominator)`` statistics of each row of ``G``, sharing one pass over ``|G|``.
 
-    * ``max``:  max |g|  (``flat`` and ``layer_mean`` agree: the max of maxima is the global max)
-    * ``mean``: mean |g| over all entries (``flat``), or the mean over segments of per-segment means
-    * ``norm``: ||g||_2 (``flat``), or the mean over segments of per-segment norms
+    * ``stat="max"``: ``max |g|`` over ``mean |g|``; ``"mean"``: ``mean |g|`` over ``mean |g|``;
+      ``"norm"``: ``||g||_2`` over ``||g||_2``.
+    * ``reduction="flat"``: over all entries; ``"layer_mean"``: means (norms) per parameter tensor, then
+      their mean (the max of per-tensor maxima is the global max); ``"layer_max_ratio"``: per parameter
+      tensor, shape ``[K, S]`` (the caller takes the max of the ratios).
     """
+    per_layer = reduction == "layer_max_ratio"
     if stat == "norm":
         if reduction == "flat":
-            return paddle.sqrt((G * G).sum(axis=1))
-        per = paddle.sqrt(segments.sum(G * G))
+            v = paddle.sqrt((G * G).sum(axis=1))
+        else:
+            v = paddle.sqrt(segments.sum(G * G))
+            v = v if per_layer else v.mean(axis=1)
+        return v, v
+    A = paddle.abs(G)
+    if reduction == "flat":
+        den = A.mean(axis=1)
     else:
-        A = paddle.abs(G)
-        if stat == "max":
-            if reduction == "layer_max_ratio":
-                return segments.max(A)
-            return A.max(axis=1)
-        if reduction == "flat":
-            return A.mean(axis=1)
-        per = segments.mean(A)
-    return per if reduction == "layer_max_ratio" else per.mean(axis=1)
+        den = segments.mean(A)
+        den = den if per_layer else den.mean(axis=1)
+    if stat == "mean":
+        return den, den
+    return (segments.max(A) if per_layer else A.max(axis=1)), den

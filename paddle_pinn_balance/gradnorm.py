@@ -223,10 +223,13 @@ class GradNormBalancer(Balancer):
     def _update_from_gradients(self, values, G):
         self._capture_initial(values)
         W = G[:, : self._n_shared] if G.shape[1] != self._n_shared else G
-        _, grad = self.weight_gradient(values, norms=paddle.sqrt((W * W).sum(axis=1)))
+        norms = paddle.sqrt((W * W).sum(axis=1))
+        self._record_bad_terms(norms)
+        _, grad = self.weight_gradient(values, norms=norms)
         # value exactly 0 (s - s.detach()); backward: d/dw = grad, nothing into the net
-        s = (self.loss_weights * grad).sum()
-        return (s - s.detach()).astype(values[0].dtype)
+        s = paddle.dot(self.loss_weights, grad)
+        zero = s - s.detach()
+        return zero if zero.dtype == values[0].dtype else zero.astype(values[0].dtype)
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:
         """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into

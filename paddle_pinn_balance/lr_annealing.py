@@ -8,7 +8,15 @@ import numpy as np
 import paddle
 
 from .balancer import Balancer, check_choice, check_float, check_int
-from .gradients import PARAM_SUBSETS, REDUCTIONS, STATISTICS, Segments, statistic, trainable_parameters, weights_first
+from .gradients import (
+    PARAM_SUBSETS,
+    REDUCTIONS,
+    STATISTICS,
+    Segments,
+    ratio_statistics,
+    trainable_parameters,
+    weights_first,
+)
 
 #: variant -> (current lambda inside the denominator, weight of the new estimate)
 VARIANTS = {"siam": (True, 0.1), "arxiv": (False, 0.9)}
@@ -150,33 +158,44 @@ class LRAnnealing(Balancer):
         unknown = [r for r in self.ref if r not in names]
         if unknown:
             raise ValueError(f"`ref` names {unknown} are not loss names {list(names)}")
+        self._ref_position = names.index(self.ref[0])
         self._ref_index = paddle.to_tensor([names.index(r) for r in self.ref], dtype="int64")
-        self._is_ref = paddle.to_tensor([n in self.ref for n in names])
+        self._free = paddle.to_tensor([n not in self.ref for n in names])  # the annealed terms
 
     @paddle.no_grad()
-    def estimates(self, G: paddle.Tensor, lambdas: paddle.Tensor) -> paddle.Tensor:
-        """Raw estimates :math:`\\hat\\lambda` from stacked per-term gradients ``G`` (``[K, P]``).
+    def estimates(self, G: paddle.Tensor, lambdas: paddle.Tensor) -> tuple:
+        r"""Raw estimates :math:`\hat\lambda` from stacked per-term gradients ``G`` (``[K, P]``), and the
+        per-term denominator statistic.
 
-        Reference terms get 1. Pure function of its inputs (for tests and for custom gradients).
+        Reference terms, and terms whose gradient is zero (not connected to the selected parameters),
+        keep their current weight (1 for the references). Pure function of its inputs.
         """
-        den_stat = "norm" if self.statistic == "norm" else "mean"
-        num = statistic(G, self.statistic, self.reduction, self._segments)
-        den = statistic(G, den_stat, self.reduction, self._segments)
-        num = paddle.index_select(num, self._ref_index, axis=0).max(axis=0)  # max over reference terms
-        current = lambdas.astype(G.dtype)
-        lam = current.unsqueeze(1) if self.reduction == "layer_max_ratio" else current
-        connected = den != 0  # a term (or layer) its loss does not reach gives no estimate (NaN stays NaN)
-        hat = num / ((lam * den if self._lambda_inside else den) + self.eps)
-        hat = paddle.where(connected, hat, paddle.zeros_like(hat))
+        num, den = ratio_statistics(G, self.statistic, self.reduction, self._segments)
+        if len(self.ref) == 1:
+            num = num[self._ref_position]
+        else:
+            num = paddle.index_select(num, self._ref_index, axis=0).max(axis=0)  # max over reference terms
+        current = lambdas if lambdas.dtype == G.dtype else lambdas.astype(G.dtype)
         if self.reduction == "layer_max_ratio":
-            hat = hat.max(axis=1)
-            connected = connected.any(axis=1)
-        hat = paddle.where(connected, hat, current)  # unconnected terms keep their weight
-        return paddle.where(self._is_ref, paddle.ones_like(hat), hat)
+            lam = current.unsqueeze(1)
+            connected = den != 0  # per layer: a layer the term does not reach gives no ratio
+            hat = num / ((lam * den if self._lambda_inside else den) + self.eps)
+            hat = paddle.where(connected, hat, paddle.zeros_like(hat)).max(axis=1)
+            den = den.sum(axis=1)
+        else:
+            hat = num / ((current * den if self._lambda_inside else den) + self.eps)
+        # NaN != 0 is True: a non-finite gradient reaches the estimate and the base skips the update
+        return paddle.where(self._free & (den != 0), hat, current), den
+
+    def _clip(self, w):
+        """Bounds apply to the annealed weights only: the reference terms keep weight 1."""
+        if self.min_weight is None and self.max_weight is None:
+            return w
+        return paddle.where(self._free, super()._clip(w), w)
 
     needs_gradients = True
 
     def _update_from_gradients(self, values, G):
         if G.shape[1] != self._n_stat:
             G = G[:, : self._n_stat]
-        self._set_weights(self.estimates(G, self.lambdas))
+        self._set_weights(*self.estimates(G, self.lambdas))

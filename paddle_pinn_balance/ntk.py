@@ -218,13 +218,13 @@ class NTKWeighting(Balancer):
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
         with paddle.no_grad():
-            norms = paddle.sqrt((G * G).sum(axis=1)).astype("float64")
-            connected = norms != 0
-            raw = paddle.where(connected, self.estimates(norms), self.lambdas.astype("float64"))
+            norms = paddle.sqrt((G * G).sum(axis=1))
+            current = self.lambdas if self.lambdas.dtype == norms.dtype else self.lambdas.astype(norms.dtype)
+            raw = paddle.where(norms != 0, self.estimates(norms), current)
             old = self.traces_buf
-            new = norms.astype(old.dtype)
+            new = norms if norms.dtype == old.dtype else norms.astype(old.dtype)
             paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
-        self._set_weights(raw)
+        self._set_weights(raw, norms)
 
     def _update(self, values):
         stats = self.compute_traces().detach()
