@@ -180,7 +180,12 @@ class Balancer(paddle.nn.Layer):
         """Create the per-term state once the number of terms ``k`` is known."""
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
-        self.register_buffer("bad_term_counts", paddle.zeros([2, k], dtype="int64"), persistable=False)
+        self.register_buffer("scale_range", self._empty_range(k), persistable=False)
+
+    @staticmethod
+    def _empty_range(k: int) -> paddle.Tensor:
+        """Running [min, max] of the per-term gradient statistic (see ``_record_bad_terms``), empty."""
+        return paddle.to_tensor(np.array([[np.inf] * k, [-np.inf] * k]), dtype="float64")
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -249,32 +254,34 @@ class Balancer(paddle.nn.Layer):
         total = assembled_total(stacked, w, local, self._params) if self.assemble else weighted_sum(stacked, w)
         return total if extra is None else total + extra
 
-    @paddle.no_grad()
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:
-        """Count, on the device, update steps where a term's gradient statistic ``scale`` (any per-term
-        quantity that is non-finite exactly when the term's gradient is, and 0 exactly when it is zero)
-        was non-finite or zero; every ``check_every`` updates the counts are read (one synchronisation)
-        and a warning names the terms (their weights were kept)."""
-        self.bad_term_counts.add_(paddle.stack([~paddle.isfinite(scale), scale == 0]).astype("int64"))
+        """Track, on the device, the per-term gradient statistic ``scale`` (non-finite exactly when the
+        term's gradient is, 0 exactly when it is zero) by its running min and max (NaN propagates); every
+        ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
+        gradient was non-finite or zero since the last check (their weights were kept)."""
+        scale = scale if scale.dtype == paddle.float64 else scale.astype("float64")
+        paddle.assign(paddle.minimum(self.scale_range[0], scale), output=self.scale_range[0])
+        paddle.assign(paddle.maximum(self.scale_range[1], scale), output=self.scale_range[1])
         self._updates_since_check += 1
         if self.check_every and self._updates_since_check >= self.check_every:
             self.check_terms()
 
     def check_terms(self) -> dict:
-        """Warn about terms whose gradient was non-finite or zero since the last check; returns the counts
-        ``{name: (non-finite updates, zero-gradient updates)}`` and resets them (synchronises)."""
+        """Warn about terms whose gradient was non-finite or zero at some update since the last check;
+        returns ``{name: (non-finite, zero)}`` flags and resets them (synchronises)."""
         self._updates_since_check = 0
-        if self._names is None or not hasattr(self, "bad_term_counts"):
+        if self._names is None or not hasattr(self, "scale_range"):
             return {}
-        counts = self.bad_term_counts.numpy()
-        self.bad_term_counts.set_value(paddle.zeros_like(self.bad_term_counts))
-        out = {n: (int(counts[0, i]), int(counts[1, i])) for i, n in enumerate(self._names)}
+        low, high = self.scale_range.numpy()
+        self.scale_range.set_value(self._empty_range(len(self._names)))
+        out = {n: (bool(np.isnan(lo) or not np.isfinite(hi)), bool(lo == 0.0))
+               for n, lo, hi in zip(self._names, low, high)}
         nonfinite = [n for n, c in out.items() if c[0]]
         zero = [n for n, c in out.items() if c[1]]
         if nonfinite:
-            warnings.warn(f"{type(self).__name__}: non-finite gradient for term(s) {nonfinite} "
-                          f"({[out[n][0] for n in nonfinite]} update step(s)); those updates were skipped and "
-                          "the previous weights kept", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: non-finite gradient for term(s) {nonfinite} in the last "
+                          f"{self.check_every or 'few'} update(s); those updates were skipped and the previous "
+                          "weights kept", RuntimeWarning, stacklevel=3)
         if zero:
             warnings.warn(f"{type(self).__name__}: term(s) {zero} have an identically zero gradient (not "
                           "connected to the parameters?); their weights were kept", RuntimeWarning, stacklevel=3)
@@ -296,13 +303,13 @@ class Balancer(paddle.nn.Layer):
         """
         raise NotImplementedError  # abstract: every concrete balancer overrides one of the two hooks
 
-    @paddle.no_grad()
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
         """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any value is non-finite.
 
         ``scale``: the per-term gradient statistic, for the non-finite / zero-gradient bookkeeping.
         """
         old = self.lambdas
+        raw = raw if raw.stop_gradient else raw.detach()
         if raw.dtype != old.dtype:
             raw = raw.astype(old.dtype)
         new = raw if self.momentum == 0.0 else paddle.lerp(old, raw, 1.0 - self.momentum)

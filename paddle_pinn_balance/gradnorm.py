@@ -78,10 +78,11 @@ class GradNormBalancer(Balancer):
     * ``weight_attr``: initial weights (a number, a list of ``T`` numbers, or a
       ``paddle.ParamAttr``); ones by default.
 
-    Renormalisation :math:`\sum_i w_i = T` (Algorithm 1, after every optimizer step) is applied lazily at
-    the start of the next call, and of the wrapper's forward (so a hand-written loop that forms
-    ``(loss_weights * losses).sum()`` itself sees renormalised weights); ``weights`` and
-    ``get_weights()`` report renormalised values. The optimizer needs no hook.
+    Renormalisation :math:`\sum_i w_i = T` (Algorithm 1, after every optimizer step) is applied lazily, in
+    place, at the start of the next call (or of the next ``get_grad_norm_loss``); ``weights`` and
+    ``get_weights()`` report renormalised values. The optimizer needs no hook. (A loop that forms
+    ``(loss_weights * losses).sum()`` itself, as in the community design, uses the weights of the last
+    renormalisation plus one optimizer step for that sum; the aggregator call has no such lag.)
     Weights are first clipped to ``[min_weight, max_weight]`` (``min_weight`` defaults to ``eps``: a
     weight pushed to or below zero by the optimizer would otherwise flip the sign of its term).
 
@@ -175,13 +176,12 @@ class GradNormBalancer(Balancer):
         """The (renormalised) weights as a numpy array."""
         return self._normalised().numpy()
 
-    @paddle.no_grad()
     def _renormalise(self) -> None:
+        """``w <- T w / sum(w)`` in place (after bounds), unless that is non-finite (no graph: detached)."""
         new = self._normalised()
-        ok = paddle.isfinite(new).all()
-        paddle.assign(paddle.where(ok, new, self.loss_weights.detach()), output=self.loss_weights)
+        paddle.assign(paddle.where(paddle.isfinite(new).all(), new, self.loss_weights.detach()),
+                      output=self.loss_weights)
 
-    @paddle.no_grad()
     def _capture_initial(self, values) -> None:
         """:math:`L_i(0)`: the first finite, positive loss of each term (on the device, no sync): a term
         whose first loss is NaN, Inf or 0 is taken at a later update, and its ratio is 1 until then."""
@@ -200,22 +200,22 @@ class GradNormBalancer(Balancer):
         """
         if norms is None:
             norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
-        with paddle.no_grad():
-            w = self.loss_weights.detach()
-            norms = norms.astype(w.dtype)
-            G = w * norms
-            current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(w.dtype))
-            ratio = paddle.where(self.has_initial_losses, current / (self.initial_losses + self.eps),
-                                 paddle.ones_like(current))
-            r = ratio / (ratio.mean() + self.eps)
-            target = G.mean() * paddle.pow(r, self.alpha)
-            diff = G - target
-            l_grad = paddle.abs(diff).sum()
-            grad = paddle.sign(diff) * norms
-            grad = paddle.where(paddle.isfinite(grad), grad, paddle.zeros_like(grad))
-            l_host = l_grad.reshape([1]).astype("float32")
-            paddle.assign(paddle.where(paddle.isfinite(l_host), l_host, self.last_grad_norm_loss),
-                          output=self.last_grad_norm_loss)
+        # every input is detached: the arithmetic below builds no graph
+        w = self.loss_weights.detach()
+        norms = norms.detach() if norms.dtype == w.dtype else norms.detach().astype(w.dtype)
+        G = w * norms
+        current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(w.dtype))
+        ratio = paddle.where(self.has_initial_losses, current / (self.initial_losses + self.eps),
+                             paddle.ones_like(current))
+        r = ratio / (ratio.mean() + self.eps)
+        target = G.mean() * paddle.pow(r, self.alpha)
+        diff = G - target
+        l_grad = paddle.abs(diff).sum()
+        grad = paddle.sign(diff) * norms
+        grad = paddle.where(paddle.isfinite(grad), grad, paddle.zeros_like(grad))
+        l_host = l_grad.reshape([1]).astype("float32")
+        paddle.assign(paddle.where(paddle.isfinite(l_host), l_host, self.last_grad_norm_loss),
+                      output=self.last_grad_norm_loss)
         return l_grad, grad
 
     needs_gradients = True
@@ -240,6 +240,7 @@ class GradNormBalancer(Balancer):
         ``loss_names``) or a 1-D tensor of the ``n_loss`` losses.
         """
         values = self._as_list(losses)
+        self._renormalise()
         self._capture_initial(values)
         l_grad, grad = self.weight_gradient(values)
         if self.loss_weights.grad is None:
@@ -317,7 +318,6 @@ class GradNorm(paddle.nn.Layer):
         return self.aggregator.loss_weights
 
     def forward(self, *args, **kwargs):
-        self.aggregator._renormalise()  # lazy renormalisation after the last optimizer step
         return self.net(*args, **kwargs)
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:

@@ -162,7 +162,6 @@ class LRAnnealing(Balancer):
         self._ref_index = paddle.to_tensor([names.index(r) for r in self.ref], dtype="int64")
         self._free = paddle.to_tensor([n not in self.ref for n in names])  # the annealed terms
 
-    @paddle.no_grad()
     def estimates(self, G: paddle.Tensor, lambdas: paddle.Tensor) -> tuple:
         r"""Raw estimates :math:`\hat\lambda` from stacked per-term gradients ``G`` (``[K, P]``), and the
         per-term denominator statistic.

@@ -191,7 +191,6 @@ class NTKWeighting(Balancer):
     # ------------------------------------------------------------------ statistics -> weights
 
     @staticmethod
-    @paddle.no_grad()
     def estimates(stats: paddle.Tensor) -> paddle.Tensor:
         r"""Raw weights :math:`\hat\lambda_i = \sum_j s_j / s_i` from per-term statistics ``s`` (shape ``[K]``)."""
         return stats.sum() / stats
@@ -217,13 +216,12 @@ class NTKWeighting(Balancer):
         """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
-        with paddle.no_grad():
-            norms = paddle.sqrt((G * G).sum(axis=1))
-            current = self.lambdas if self.lambdas.dtype == norms.dtype else self.lambdas.astype(norms.dtype)
-            raw = paddle.where(norms != 0, self.estimates(norms), current)
-            old = self.traces_buf
-            new = norms if norms.dtype == old.dtype else norms.astype(old.dtype)
-            paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
+        norms = paddle.sqrt((G * G).sum(axis=1))  # G carries no graph: no no_grad() needed
+        current = self.lambdas if self.lambdas.dtype == norms.dtype else self.lambdas.astype(norms.dtype)
+        raw = paddle.where(norms != 0, self.estimates(norms), current)
+        old = self.traces_buf
+        new = norms if norms.dtype == old.dtype else norms.astype(old.dtype)
+        paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
         self._set_weights(raw, norms)
 
     def _update(self, values):

@@ -24,6 +24,9 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
     Each iteration: fresh points ``problem.sample(rng)``, loss terms ``problem.losses(net, batch)``,
     ``total = balancer(losses, step)``, ``total.backward()``, optimizer and learning-rate scheduler step.
 
+    For ``ntk`` (``mode: trace``) without ``kernels`` in the config, the kernels are
+    ``problem.kernels(batch)`` on one batch drawn once from a generator of its own (seeded by ``seed``).
+
     Args:
         problem: a :class:`~paddle_pinn_balance.problems.Problem`.
         balancer_config: what :func:`~paddle_pinn_balance.build_balancer` takes (dict or YAML path).
@@ -55,10 +58,16 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
     name = config.get("name")
     if name in REGISTRY and "loss_names" in allowed_keys(name) and not {"loss_names", "n_loss"} & set(config):
         build_config["loss_names"] = list(problem.loss_names)  # fixes the term order (GradNorm needs it up front)
+    rng = np.random.default_rng(seed)
+    if name == "ntk" and config.get("mode", "trace") == "trace" and "kernels" not in config:
+        if not callable(getattr(problem, "kernels", None)):
+            raise ValueError(f"balancer 'ntk' (mode 'trace') needs kernels, and problem {problem.name!r} has no "
+                             "`kernels(batch)`; use `mode: grad_norm` or pass `kernels` in a Python config")
+        # the kernels' points: one batch drawn once, from a generator of their own (the training draws are unchanged)
+        build_config["kernels"] = problem.kernels(problem.sample(np.random.default_rng([seed, 1])))
     balancer = build_balancer(build_config, model)
     net = getattr(balancer, "wrapper", None) or model  # grad_norm: train the wrapper (holds the loss weights)
     optimizer, scheduler = problem.optimizer(net.parameters())
-    rng = np.random.default_rng(seed)
 
     names = tuple(problem.loss_names)
     history = {"step": [], "loss": {n: [] for n in names}, "weight": {n: [] for n in names}, "rel_l2": [], "lr": []}
@@ -91,6 +100,7 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         "iters": int(iters),
         "seed": int(seed),
         "rel_l2": problem.error(net),
+        "error_name": getattr(problem, "error_name", "relative $L_2$ error"),
         "weights": balancer.weights,
         "wall_time_s": wall,
         "time_per_step_ms": 1e3 * wall / iters,

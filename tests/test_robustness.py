@@ -152,7 +152,7 @@ def test_non_finite_and_zero_gradient_terms_are_named_in_a_rate_limited_warning(
         assert not [w for w in caught if "non-finite" in str(w.message)]  # not yet: every 3 updates
         bal(losses_of(model, 2), 2)
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(msgs) == 1 and "['bc']" in msgs[0] and "non-finite" in msgs[0] and "[2]" in msgs[0]
+    assert len(msgs) == 1 and "['bc']" in msgs[0] and "non-finite" in msgs[0]
     model, bal = build(kind, make_net(), check_every=1)
     with pytest.warns(RuntimeWarning, match="\\['bc'\\] have an identically zero gradient"):
         bal({"res": losses_of(model, 0)["res"], "bc": paddle.to_tensor(2.0)}, 0)

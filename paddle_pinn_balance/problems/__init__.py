@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import paddle
 
-__all__ = ["MLP", "PROBLEMS", "Helmholtz2D", "Problem", "get_problem", "relative_l2"]
+__all__ = ["MLP", "PROBLEMS", "GradNormToy", "Helmholtz2D", "KleinGordon1D", "Poisson1D", "Problem", "Wave1D",
+           "get_problem", "relative_l2"]
 
 
 class MLP(paddle.nn.Layer):
@@ -71,6 +72,7 @@ class Problem:
     loss_names: tuple = ()
     axis_labels: tuple = ("x", "y")
     grid_shape: tuple = ()
+    error_name = "relative $L_2$ error"  # what :meth:`error` measures (plots and reports)
     lr = 1e-3
     decay_rate = 0.9
     decay_steps = 1000
@@ -115,14 +117,19 @@ def relative_l2(u: np.ndarray, u_hat: np.ndarray) -> float:
     return float(np.linalg.norm(u - u_hat) / np.linalg.norm(u))
 
 
-from .helmholtz import Helmholtz2D  # imported last: it builds on Problem and MLP above
+from .gradnorm_toy import GradNormToy  # noqa: E402
+from .helmholtz import Helmholtz2D  # noqa: E402  (imported last: they build on Problem and MLP above)
+from .klein_gordon import KleinGordon1D  # noqa: E402
+from .poisson import Poisson1D  # noqa: E402
+from .wave import Wave1D  # noqa: E402
 
 #: name -> problem class (the CLI's and configs' names)
-PROBLEMS = {"helmholtz": Helmholtz2D}
+PROBLEMS = {"helmholtz": Helmholtz2D, "klein_gordon": KleinGordon1D, "poisson1d": Poisson1D, "wave1d": Wave1D,
+            "gradnorm_toy": GradNormToy}
 
 
 def get_problem(name: str, **kwargs) -> Problem:
-    """A problem by name (``helmholtz``), with keyword arguments for its constructor."""
+    """A problem by name (a key of :data:`PROBLEMS`), with keyword arguments for its constructor."""
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; allowed: {sorted(PROBLEMS)}")
     return PROBLEMS[name](**kwargs)

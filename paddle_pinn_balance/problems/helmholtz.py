@@ -128,6 +128,17 @@ class Helmholtz2D(Problem):
         edge_mse = (u_bc ** 2).reshape([4, -1]).mean(axis=1)
         return {"res": (residual ** 2).mean(), "bc": edge_mse.sum()}
 
+    def kernels(self, batch: dict) -> dict:
+        """Per-point quantities of the NTK blocks on ``batch``'s points (for ``NTKWeighting``): the residual
+        at ``x_res`` and the network output at ``x_bc``."""
+
+        def residual(model):
+            x = batch["x_res"].detach()
+            x.stop_gradient = False
+            return self.operator(model, x) - batch["q"]
+
+        return {"res": residual, "bc": lambda model: model(batch["x_bc"])}
+
     def test_grid(self) -> np.ndarray:
         """``test_n x test_n`` uniform grid on the square, as ``[test_n**2, 2]`` (x varies fastest)."""
         s = np.linspace(self.lower, self.upper, self.test_n)
