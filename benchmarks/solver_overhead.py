@@ -1,0 +1,249 @@
+"""Cost of a balanced training step inside PaddleScience's ``ppsci.solver.Solver``, relative to its plain ``Sum``.
+
+The solver-side twin of ``step_overhead.py``: the Helmholtz PINN (``ppsci.arch.MLP`` 2-50-50-50-1 tanh,
+residual ``u_xx + u_yy + u - q`` through ``ppsci.autodiff.hessian``), 128 fixed points per loss term
+(full-batch ``IterableNamedArrayDataset``), in two setups:
+
+* 2 terms: ``InteriorConstraint`` "EQ" (term ``helmholtz``) + one ``BoundaryConstraint`` (term ``u``);
+* 5 terms: "EQ" + four edge ``BoundaryConstraint``s of the ``Rectangle`` (criteria), keys ``u_left``,
+  ``u_right``, ``u_bottom``, ``u_top`` (one loss term each).
+
+Aggregators: ``ppsci.loss.mtl.Sum`` (the reference), ours (LRAnnealing, GradNorm = the wrapper as the
+solver's model and its aggregator as ``loss_aggregator``, NTKWeighting(mode="grad_norm"), all built with
+``paddle_pinn_balance.ppsci.build_for_solver``) and PaddleScience's ``mtl.GradNorm`` / ``mtl.NTK``, at each
+update_freq. Every solver starts from the same weights and points. Each round runs one short epoch
+(``solver.train_epoch_func``, ``--iters`` steps) of every solver in turn, in an order that rotates from round
+to round; no eval, checkpoint or log line in the timed section.
+
+Step times: a thin clock around the solver's ``loss_aggregator`` stamps every call, so every step is timed
+on its own (aggregator call to the next one; the last step of an epoch adds the epoch's lead-in). Steps
+where the weights update (``global_step % update_freq == 0``) and the others are kept apart, and the
+reported ms/step is amortised: ``median(other) + (median(update) - median(other)) / update_freq``
+(``median(all)`` at update_freq 1). The timed steps start at a multiple of every update_freq, so each window
+holds update steps (``n_upd`` of them in the JSON); with few of them (update_freq 100) that part is noisy.
+
+    python benchmarks/solver_overhead.py                        # both setups, update_freq 1, 10, 100
+    python benchmarks/solver_overhead.py --terms 5 --freqs 10 --rounds 9 --iters 40 --json out.json
+
+One CPU thread by default (``--threads``); on a GPU machine it runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _threads_from_argv() -> str:
+    for i, a in enumerate(sys.argv):
+        if a == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return "1"
+
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, _threads_from_argv())
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import ppsci  # noqa: E402
+from ppsci.autodiff import hessian  # noqa: E402
+from ppsci.loss import mtl  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from paddle_pinn_balance import ppsci as adapter  # noqa: E402
+
+N_POINTS = 128
+A1, A2, K = 1.0, 4.0, 1.0  # u = sin(pi x) sin(4 pi y), as in step_overhead.py
+EDGES = {  # term name -> criteria on the boundary of [-1, 1]^2
+    "u_left": lambda x, y: np.isclose(x, -1.0),
+    "u_right": lambda x, y: np.isclose(x, 1.0),
+    "u_bottom": lambda x, y: np.isclose(y, -1.0),
+    "u_top": lambda x, y: np.isclose(y, 1.0),
+}
+OURS = ("lra", "gradnorm", "ntk_grad_norm")
+THEIRS = ("ppsci_gradnorm", "ppsci_ntk")
+NEVER = 10**9  # log_freq: no log line in the timed section
+
+
+def source(d):
+    x, y = d["x"], d["y"]
+    return (-((A1 * np.pi) ** 2) - (A2 * np.pi) ** 2 + K**2) * np.sin(A1 * np.pi * x) * np.sin(A2 * np.pi * y)
+
+
+def residual(out):
+    return hessian(out["u"], out["x"]) + hessian(out["u"], out["y"]) + K**2 * out["u"]
+
+
+def full_batch(n=N_POINTS):
+    """The same n points at every step (no sampler, no shuffling): the data path is common to all methods."""
+    return {"dataset": "IterableNamedArrayDataset", "iters_per_epoch": 1, "batch_size": n}
+
+
+def make_constraints(terms):
+    rect = ppsci.geometry.Rectangle((-1.0, -1.0), (1.0, 1.0))
+    mse = ppsci.loss.MSELoss("mean")
+    cons = {"EQ": ppsci.constraint.InteriorConstraint(
+        {"helmholtz": residual}, {"helmholtz": source}, rect, full_batch(), mse, name="EQ")}
+    if terms == 2:
+        cons["BC"] = ppsci.constraint.BoundaryConstraint(
+            {"u": lambda out: out["u"]}, {"u": 0.0}, rect, full_batch(), mse, name="BC")
+    elif terms == 5:
+        for key, crit in EDGES.items():
+            name = "BC_" + key[2:]
+            cons[name] = ppsci.constraint.BoundaryConstraint(
+                {key: lambda out: out["u"]}, {key: 0.0}, rect, full_batch(), mse, criteria=crit, name=name)
+    else:
+        raise ValueError(f"--terms must be 2 or 5; got {terms}")
+    return cons
+
+
+def build(method, freq, terms, model, cons):
+    """(model for the solver, loss aggregator) for a method name."""
+    if method == "plain":
+        return model, mtl.Sum()
+    if method == "lra":
+        return adapter.build_for_solver({"name": "lr_annealing", "ref": "helmholtz", "update_freq": freq}, model, cons)
+    if method == "gradnorm":  # the GradNorm wrapper is the solver's model; its aggregator the loss_aggregator
+        return adapter.build_for_solver({"name": "grad_norm", "alpha": 1.5, "update_freq": freq}, model, cons)
+    if method == "ntk_grad_norm":
+        return adapter.build_for_solver({"name": "ntk", "mode": "grad_norm", "update_freq": freq}, model, cons)
+    if method == "ppsci_gradnorm":
+        return model, mtl.GradNorm(model, num_losses=terms, update_freq=freq)
+    if method == "ppsci_ntk":
+        return model, mtl.NTK(model, num_losses=terms, update_freq=freq)
+    raise ValueError(f"unknown method {method!r}")
+
+
+class Clock:
+    """Stands in for the solver's loss_aggregator: stamps each call (global step, time), then delegates."""
+
+    def __init__(self, agg):
+        self.agg = agg
+        self.marks = []
+
+    def __call__(self, losses, step=0):
+        self.marks.append((int(step), time.perf_counter()))
+        return self.agg(losses, step)
+
+
+class SolverRunner:
+    def __init__(self, method, freq, terms, iters, out_dir):
+        self.method, self.freq = method, freq
+        ppsci.utils.misc.set_random_seed(0)  # same weights and points for every method
+        with paddle.utils.unique_name.guard():
+            model = ppsci.arch.MLP(("x", "y"), ("u",), 3, 50, "tanh")
+            cons = make_constraints(terms)
+            model, agg = build(method, freq, terms, model, cons)
+            opt = ppsci.optimizer.Adam(1e-3)(model)
+            self.solver = ppsci.solver.Solver(
+                model, cons, out_dir, opt, epochs=NEVER, iters_per_epoch=iters, save_freq=0, log_freq=NEVER,
+                eval_during_train=False, loss_aggregator=agg)
+        s = self.solver
+        s.max_steps = -1  # set by solver.train(), which is not used: no log line at the "last" step
+        self.clock = Clock(s.loss_aggregator)
+        s.loss_aggregator = self.clock
+        self.epoch = 1
+        self.steps = []  # (global step, seconds) of the timed steps
+
+    def epoch_run(self, record=True):
+        s = self.solver
+        self.clock.marks.clear()
+        t0 = time.perf_counter()
+        s.train_epoch_func(s, self.epoch, s.log_freq)
+        t1 = time.perf_counter()
+        s.train_output_info.clear()  # as solver.train() does after each epoch
+        self.epoch += 1
+        marks = self.clock.marks
+        if not record:
+            return
+        for (step, t), (_, t_next) in zip(marks, marks[1:]):
+            self.steps.append((step, t_next - t))
+        # the last step: from its aggregator call to the epoch's end, plus the data + forward of the epoch's start
+        self.steps.append((marks[-1][0], (t1 - marks[-1][1]) + (marks[0][1] - t0)))
+
+    def summary(self, iters):
+        durations = [d for _, d in self.steps]
+        upd = [d for st, d in self.steps if self.method != "plain" and st % self.freq == 0]
+        reg = [d for st, d in self.steps if self.method == "plain" or st % self.freq != 0]
+        rounds = [statistics.fmean(durations[i:i + iters]) for i in range(0, len(durations), iters)]
+        if not upd or not reg:  # plain, or update_freq 1
+            est = statistics.median(durations)
+        else:
+            est = statistics.median(reg) + (statistics.median(upd) - statistics.median(reg)) / self.freq
+        return dict(ms=est * 1e3, upd_ms=statistics.median(upd) * 1e3 if upd else None,
+                    reg_ms=statistics.median(reg) * 1e3 if reg else None, n_upd=len(upd), n_steps=len(durations),
+                    round_median_ms=statistics.median(rounds) * 1e3)
+
+
+def time_setup(terms, freqs, rounds, iters, warmup, out_root):
+    keys = [("plain", 1)] + [(m, f) for m in OURS + THEIRS for f in freqs]
+    runners = {k: SolverRunner(k[0], k[1], terms, iters, os.path.join(out_root, f"{terms}_{k[0]}_{k[1]}"))
+               for k in keys}
+    lcm = math.lcm(*freqs) if freqs else 1
+    for r in runners.values():  # warm-up: step 0 (the first update, which fixes names and state) and more
+        r.solver.iters_per_epoch = warmup
+        r.epoch_run(record=False)
+        r.solver.iters_per_epoch = iters
+        # timed steps start at a multiple of every update_freq (a jump forward, as after a resume)
+        r.solver.global_step = -(-r.solver.global_step // lcm) * lcm
+    order = list(runners.values())
+    for i in range(rounds):  # interleaved; the order rotates each round (no method always runs first or last)
+        k = i * len(order) // rounds
+        for r in order[k:] + order[:k]:
+            r.epoch_run()
+    return {k: r.summary(iters) for k, r in runners.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--terms", type=int, nargs="+", default=[2, 5], choices=[2, 5])
+    p.add_argument("--freqs", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--rounds", type=int, default=7, help="timed epochs per solver, interleaved")
+    p.add_argument("--iters", type=int, default=30, help="steps per timed epoch")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per solver before the rounds")
+    p.add_argument("--threads", default="1")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if min(args.freqs) < 1 or args.rounds < 1 or args.iters < 1 or args.warmup < 1:
+        p.error("--freqs, --rounds, --iters and --warmup must be positive")
+    ppsci.utils.logger.init_logger("ppsci", None, "ERROR")  # the solvers' construction messages
+    device = paddle.device.get_device()
+    print(f"device {device}, paddle {paddle.__version__}, ppsci {getattr(ppsci, '__version__', '?')}, "
+          f"threads {os.environ['OMP_NUM_THREADS']}, {args.rounds} rounds x {args.iters} steps per solver, "
+          f"{N_POINTS} points per term")
+    results = []
+    with tempfile.TemporaryDirectory() as out_root:
+        for terms in args.terms:
+            med = time_setup(terms, args.freqs, args.rounds, args.iters, args.warmup, out_root)
+            plain = med[("plain", 1)]["ms"]
+            print(f"\n{terms} terms: plain (mtl.Sum) step {plain:.2f} ms")
+            print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
+                  f"{'upd ms':>9}{'other ms':>10}{'n_upd':>7}")
+            for (m, f), r in med.items():
+                ppsci_ratio = ""
+                if m in OURS:
+                    best = min(med[(pm, f)]["ms"] for pm in THEIRS)
+                    ppsci_ratio = f"{best / r['ms']:.2f}"
+                upd = f"{r['upd_ms']:.2f}" if r["upd_ms"] is not None and r["reg_ms"] is not None else ""
+                other = f"{r['reg_ms']:.2f}" if r["reg_ms"] is not None and r["upd_ms"] is not None else ""
+                print(f"  {m:<16}{f:>12}{r['ms']:>10.2f}{r['ms'] / plain:>9.3f}{ppsci_ratio:>12}"
+                      f"{upd:>9}{other:>10}{r['n_upd'] if upd else '':>7}")
+                results.append(dict(terms=terms, method=m, update_freq=f, ratio=r["ms"] / plain, **r))
+    print("\nms/step: amortised median step time (update steps weighted 1/update_freq); upd ms / other ms: median "
+          "of the steps that update the weights / of the others (n_upd update steps timed)")
+    print("ppsci/ours: time of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, paddle=paddle.__version__, threads=os.environ["OMP_NUM_THREADS"],
+                           rounds=args.rounds, iters=args.iters, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
