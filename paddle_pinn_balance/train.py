@@ -37,11 +37,12 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         desc: label of the progress bar (default: the balancer's name).
 
     Returns:
-        ``dict`` with ``problem``, ``balancer`` (the config), ``iters``, ``seed``, ``rel_l2`` (final relative
-        L2 error on the test grid), ``weights`` (final, ``{name: float}``), ``wall_time_s`` (the training
-        loop), ``time_per_step_ms``, ``history`` (``step``, ``loss`` and ``weight`` per term, ``rel_l2`` and
-        ``lr`` at the log points) and ``model`` (the trained network; not JSON-serialisable, drop it before
-        saving).
+        ``dict`` with ``problem``, ``balancer`` (the config), ``iters``, ``seed``, ``rel_l2`` (final
+        ``problem.error(net)``: the relative L2 error on the test grid for the PDE problems, the normalised loss
+        for the GradNorm toy), ``error_name`` (what that is, in words), ``weights`` (final, ``{name: float}``),
+        ``wall_time_s`` (the training loop), ``time_per_step_ms``, ``history`` (``step``, ``loss`` and
+        ``weight`` per term, ``rel_l2`` and ``lr`` at the log points) and ``model`` (the trained network; not
+        JSON-serialisable, drop it before saving).
     """
     if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
         raise ValueError(f"`iters` must be an integer >= 1; got {iters!r}")
