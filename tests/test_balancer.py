@@ -22,11 +22,22 @@ def losses_of(net, step, dtype="float32"):
     return {"res": (net(xr) ** 2).mean(), "bc": ((net(xb) - 5.0) ** 2).mean()}
 
 
+def ntk_trace(net):
+    """NTK weights from kernels on their own fixed points (in the net's dtype)."""
+    dtype = net.parameters()[0].dtype
+    pts = {n: paddle.to_tensor(np.random.default_rng(i).uniform(-1, 1, (k, 2))).astype(dtype)
+           for i, (n, k) in enumerate((("res", 10), ("bc", 6)))}
+    kernels = {n: (lambda m, n=n: m(pts[n]).reshape([-1])) for n in pts}
+    return net, NTKWeighting(net, kernels=kernels, update_freq=2, momentum=0.5)
+
+
 BUILDERS = {
     "sum": lambda net: (net, Sum(weights={"bc": 3.0})),
     "lra_siam": lambda net: (net, LRAnnealing(net, ref="res", update_freq=2)),
     "lra_arxiv": lambda net: (net, LRAnnealing(net, ref="res", variant="arxiv", update_freq=3, statistic="mean")),
     "gradnorm": lambda net: (lambda w: (w, w.aggregator))(GradNorm(net, n_loss=2, alpha=0.5)),
+    "ntk_trace": ntk_trace,
+    "ntk_grad_norm": lambda net: (net, NTKWeighting(net, mode="grad_norm", update_freq=2, reduction="sum")),
 }
 
 
