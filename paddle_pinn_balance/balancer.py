@@ -353,14 +353,20 @@ class Balancer(paddle.nn.Layer):
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
+        arrays = {}
         for key, shape in own.items():
             value = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key])
+            if value.dtype.kind not in "biuf":
+                raise ValueError(f"state_dict[{key!r}] is not numeric (dtype {value.dtype})")
             if key != "names_utf8" and list(value.shape) != list(shape):
                 raise ValueError(f"state_dict[{key!r}] has shape {list(value.shape)}, expected {list(shape)}")
             if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise ValueError(f"state_dict[{key!r}] holds non-finite values: {value.tolist()}")
+            arrays[key] = value
         if self._names is None:
             self._set_names(names)
+        current = super().state_dict()  # same keys: cast each value to the dtype it is loaded into
+        state = {k: arrays[k].astype(current[k].numpy().dtype) for k in arrays}
         result = super().set_state_dict(state, use_structured_name=use_structured_name)
         self._after_load()
         return result

@@ -147,6 +147,13 @@ def test_state_dict_with_other_names_or_values_is_refused_and_changes_nothing():
     short["lambdas"] = paddle.to_tensor([1.0])
     with pytest.raises(ValueError, match="shape"):
         LRAnnealing(net, ref="res").set_state_dict(short)
+    wide = dict(state)
+    wide["lambdas"] = paddle.to_tensor(state["lambdas"].numpy().astype("float64"))  # another dtype loads
+    LRAnnealing(net, ref="res").set_state_dict(wide)
+    text = dict(state)
+    text["lambdas"] = np.array(["1", "2"])
+    with pytest.raises(ValueError, match="not numeric"):
+        LRAnnealing(net, ref="res").set_state_dict(text)
     with pytest.raises(ValueError, match="names_utf8"):
         LRAnnealing(net, ref="res").set_state_dict({"lambdas": state["lambdas"]})
     # a fresh balancer without names takes them from the checkpoint
