@@ -8,7 +8,7 @@ its ratio to the plain step of the same run. PaddleScience's aggregators (``ppsc
 ``GradNorm``, ``NTK``) are measured too when ``ppsci`` is importable.
 
     python benchmarks/step_overhead.py                 # both setups, update_freq 1, 10, 100
-    python benchmarks/step_overhead.py --memory        # also peak memory, each method in its own process
+    python benchmarks/step_overhead.py --memory        # also the peak memory of a step
 
 One CPU thread by default (``--threads``); on a GPU machine it runs on the GPU.
 """
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -160,21 +159,20 @@ def time_setup(terms, freqs, rounds, block, with_ppsci):
 
 
 def peak_memory(method, freq, terms, steps):
-    """Peak memory of `steps` steps of one method, in a fresh process (CPU: max RSS; GPU: allocator peak)."""
-    code = (
-        "import sys, resource, json; sys.argv=['x','--threads','1']; "
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import step_overhead as b, paddle; "
-        f"r=b.Runner({method!r},{freq},{terms}); r.run(2); "
-        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "gpu=paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count()>0; "
-        "gpu and paddle.device.cuda.reset_max_memory_allocated(); "
-        f"r.run({steps}); "
-        "peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "print(json.dumps({'rss_mb': peak/1024, 'delta_mb': (peak-base)/1024, "
-        "'gpu_mb': paddle.device.cuda.max_memory_allocated()/2**20 if gpu else None}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Peak memory a step needs beyond what is allocated before it (MB): the allocator's own counters
+    (host allocator on the CPU, device allocator on a GPU), over `steps` steps of a fresh runner."""
+    from paddle.base import core
+
+    gpu = paddle.device.get_device().startswith("gpu")
+    current = core.device_memory_stat_current_value if gpu else core.host_memory_stat_current_value
+    peak = core.device_memory_stat_peak_value if gpu else core.host_memory_stat_peak_value
+    reset = core.device_memory_stat_reset_peak_value if gpu else core.host_memory_stat_reset_peak_value
+    r = Runner(method, freq, terms)
+    r.run(1)  # optimizer state and balancer buffers exist from here on
+    before = current("Allocated", 0)
+    reset("Allocated", 0)
+    r.run(steps)
+    return (peak("Allocated", 0) - before) / 2**20
 
 
 def main(argv=None):
@@ -185,7 +183,7 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=20, help="steps per timed block")
     p.add_argument("--threads", default="1")
     p.add_argument("--no-ppsci", action="store_true", help="skip PaddleScience's aggregators")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory (one process per method)")
+    p.add_argument("--memory", action="store_true", help="also measure the peak memory of a step")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     with_ppsci = False
@@ -206,7 +204,7 @@ def main(argv=None):
         print(f"\n{terms} terms: plain step {plain * 1e3:.2f} ms")
         print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
               + (f"{'peak MB':>9}{'x plain':>9}" if args.memory else ""))
-        mem_plain = peak_memory("plain", 1, terms, 20) if args.memory else None
+        mem_plain = peak_memory("plain", 1, terms, 10) if args.memory else None
         for (m, f), t in med.items():
             ppsci_ratio = ""
             if with_ppsci and m in ("lra", "gradnorm", "ntk_grad_norm"):
@@ -215,14 +213,13 @@ def main(argv=None):
             row = dict(terms=terms, method=m, update_freq=f, ms=t * 1e3, ratio=t / plain)
             line = f"  {m:<16}{f:>12}{t * 1e3:>10.2f}{t / plain:>9.3f}{ppsci_ratio:>12}"
             if args.memory:
-                mem = peak_memory(m, f, terms, 20)
-                key = "gpu_mb" if mem["gpu_mb"] is not None else "delta_mb"
-                row["peak_mb"] = mem[key]
-                line += f"{mem[key]:>9.1f}{mem[key] / max(mem_plain[key], 1e-9):>9.2f}"
+                mem = peak_memory(m, f, terms, 10)
+                row["peak_mb"] = mem
+                line += f"{mem:>9.2f}{mem / max(mem_plain, 1e-9):>9.2f}"
             results.append(row)
             print(line)
     if args.memory:
-        print("\npeak MB: CPU = growth of the process's max RSS during 20 steps after warm-up; GPU = allocator peak")
+        print("\npeak MB: the most memory a step allocates beyond what is allocated before it (allocator counters)")
     print("ppsci/ours: time of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
     if args.json:
         with open(args.json, "w") as f:

@@ -29,7 +29,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
-from .gradients import assembled_total, mean_across_ranks, term_gradients
+from .gradients import assembled_total, mean_across_ranks, term_gradients, term_gradients_by_backward, world_size
 
 __all__ = ["Balancer", "Sum"]
 
@@ -102,7 +102,10 @@ class Balancer(paddle.nn.Layer):
         assemble: on update steps of methods that read per-term gradients, return a total whose
             backward writes the already computed ``sum_i lambda_i dL_i/dtheta`` into the parameters
             (no second backward; every trainable tensor the losses depend on must then be among the
-            balancer's parameters). ``False``: return the plain weighted sum (a second backward).
+            balancer's parameters). In one process the per-term gradients come from ``backward()``
+            into ``.grad`` (gradients already there are kept and added back), which frees the losses'
+            graph as a plain backward does: an update call consumes the losses, which cannot be
+            differentiated again. ``False``: return the plain weighted sum (a second backward).
         check_every: every this many update steps, read the device-side counts of terms whose gradient
             was non-finite or zero and warn naming them (one synchronisation; 0: only on
             :meth:`check_terms`).
@@ -246,12 +249,19 @@ class Balancer(paddle.nn.Layer):
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         # per-term gradients once; with `assemble` the total's backward reuses them (no second backward)
-        local = term_gradients(values, self._params, retain_graph=not self.assemble)
+        prior = None
+        if self.assemble and world_size() == 1:
+            local, prior = term_gradients_by_backward(values, self._params)
+        else:
+            local = term_gradients(values, self._params, retain_graph=not self.assemble)
         G = mean_across_ranks(local)  # data-parallel: the gradient on the union of the ranks' points
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
         # the local gradients: a DataParallel model's own backward hooks average them across ranks
-        total = assembled_total(stacked, w, local, self._params) if self.assemble else weighted_sum(stacked, w)
+        if self.assemble:
+            total = assembled_total(stacked, w, local, self._params, prior)
+        else:
+            total = weighted_sum(stacked, w)
         return total if extra is None else total + extra
 
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:

@@ -9,7 +9,7 @@ authors' code of the learning-rate annealing paper does.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -105,15 +105,54 @@ def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tens
 
     One backward per term, each over its own part of the graph (in a PINN the terms live on their own
     points, so together they cost about one backward of the summed loss). ``retain_graph=False`` frees
-    the graph after the last term (when no backward through the losses follows).
+    the graph during the last backward (when no backward through the losses follows); the terms are
+    differentiated last to first, so that this is the first term, usually the PDE residual, whose
+    higher-order graph is the largest: peak memory then stays close to a plain step's.
     """
-    last = len(values) - 1
-    return paddle.stack([flat_grad(v, params, retain_graph or i < last) for i, v in enumerate(values)])
+    rows = [flat_grad(v, params, retain_graph or i > 0) for i, v in reversed(list(enumerate(values)))]
+    return paddle.stack(rows[::-1])
+
+
+def _flat_param_grads(params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    return paddle.concat([(paddle.zeros_like(p) if p.grad is None else p.grad).reshape([-1]) for p in params])
+
+
+def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> tuple:
+    """Per-term gradients as :func:`term_gradients`, from ``backward()`` into ``.grad`` instead of
+    ``paddle.grad``: in PaddlePaddle a backward frees the graph's saved tensors as it goes and costs less
+    than a partial ``paddle.grad``, so the step's peak memory and time stay those of a plain backward.
+
+    Returns ``(G, prior)``: ``prior`` is what ``.grad`` held before (flat, or ``None`` if nothing), taken
+    out so that each row is exactly one term's gradient; every ``.grad`` is left empty, for the
+    assembled total to write ``prior + sum_i w_i G[i]``. The graph is freed (the first term, usually the
+    residual with the largest graph, goes last and frees as it goes). Single process only: under data
+    parallelism each backward would trigger the gradient all-reduce.
+    """
+    prior = None
+    if any(p.grad is not None for p in params):
+        prior = _flat_param_grads(params)
+        prior.stop_gradient = True
+        for p in params:
+            p.clear_gradient(False)
+    rows = []
+    for i in reversed(range(len(values))):
+        v = values[i]
+        if v.stop_gradient:
+            rows.append(paddle.zeros([sum(int(np.prod(p.shape)) for p in params)], dtype=params[0].dtype))
+            continue
+        v.backward(retain_graph=i > 0)
+        rows.append(_flat_param_grads(params))
+        for p in params:
+            p.clear_gradient(False)
+    G = paddle.stack(rows[::-1])
+    G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
+    return G, prior
 
 
 def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
-                    params: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    """A scalar whose value is ``sum_i w_i L_i`` and whose backward writes ``sum_i w_i G[i]`` into ``params``.
+                    params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """A scalar whose value is ``sum_i w_i L_i`` and whose backward writes ``sum_i w_i G[i]`` (plus
+    ``prior``, gradients the parameters held before) into ``params``.
 
     ``stacked``: the losses as one vector. ``s = theta . g`` with ``g = w^T G`` held constant;
     ``value + (s - s.detach())`` adds exactly zero to the value, and its backward is ``d s / d theta = g``:
@@ -122,6 +161,8 @@ def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Te
     w = weights if weights.stop_gradient else weights.detach()
     value = paddle.dot(stacked.detach(), w if w.dtype == stacked.dtype else w.astype(stacked.dtype))
     g = paddle.matmul(w if w.dtype == G.dtype else w.astype(G.dtype), G)
+    if prior is not None:
+        g = g + prior
     s = paddle.dot(paddle.concat([p.reshape([-1]) for p in params]), g)
     zero = s - s.detach()
     return value + (zero if zero.dtype == value.dtype else zero.astype(value.dtype))

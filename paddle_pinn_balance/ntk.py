@@ -216,7 +216,7 @@ class NTKWeighting(Balancer):
         """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
-        norms = paddle.sqrt((G * G).sum(axis=1))  # G carries no graph: no no_grad() needed
+        norms = paddle.sqrt((G * G).sum(axis=1)).detach()
         current = self.lambdas if self.lambdas.dtype == norms.dtype else self.lambdas.astype(norms.dtype)
         raw = paddle.where(norms != 0, self.estimates(norms), current)
         old = self.traces_buf

@@ -251,3 +251,28 @@ def test_update_step_makes_no_host_synchronisation(kind, monkeypatch):
         _ = bal.weights  # inspection does synchronise: the patch is live
     monkeypatch.undo()
     assert all(np.isfinite(v) for v in bal.weights.values())
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_training_keeps_state_constant_and_allocates_nothing_per_step(kind):
+    """Buffers never record a graph (a chain through them would grow every step), and after warm-up the
+    allocator holds the same memory after each step."""
+    from paddle.base import core
+
+    model, bal = BUILDERS[kind](make_net())
+    opt = paddle.optimizer.Adam(1e-3, parameters=model.parameters())
+
+    def step(i):
+        total = bal(losses_of(model, i), i)
+        total.backward()
+        opt.step()
+        opt.clear_grad()
+
+    for i in range(4):
+        step(i)
+    held = core.host_memory_stat_current_value("Allocated", 0)
+    for i in range(4, 12):
+        step(i)
+        assert core.host_memory_stat_current_value("Allocated", 0) == held, f"step {i}"
+    for name, buf in bal.named_buffers():
+        assert buf.stop_gradient, name

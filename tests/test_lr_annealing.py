@@ -105,9 +105,8 @@ def test_fixed_point_with_frozen_parameters(variant, power):
     data = make_data()
     _, grads = numpy_grads(net, data, "all")
     lra = LRAnnealing(net, ref="res", variant=variant, update_freq=1, eps=0.0)
-    losses = paddle_losses(net, data)
-    for step in range(400):
-        lra(losses, step)
+    for step in range(400):  # frozen parameters: the same losses, recomputed (a call consumes their graph)
+        lra(paddle_losses(net, data), step)
     gr = np.concatenate([np.abs(g).ravel() for g in grads["res"]])
     for n in ("bc", "ic"):
         gi = np.concatenate([np.abs(g).ravel() for g in grads[n]])
@@ -187,9 +186,9 @@ def test_permuting_terms_permutes_weights():
     data = make_data()
     a = LRAnnealing(net, ref="res", update_freq=1)
     b = LRAnnealing(net, ref="res", update_freq=1)
-    la = paddle_losses(net, data)
-    a(la, 0)
-    b({n: la[n] for n in reversed(NAMES)}, 0)
+    a(paddle_losses(net, data), 0)
+    lb = paddle_losses(net, data)
+    b({n: lb[n] for n in reversed(NAMES)}, 0)
     assert list(b.weights) == list(reversed(NAMES))
     for n in NAMES:
         assert a.weights[n] == pytest.approx(b.weights[n], rel=1e-6)
