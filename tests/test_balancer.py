@@ -276,3 +276,19 @@ def test_training_keeps_state_constant_and_allocates_nothing_per_step(kind):
         assert core.host_memory_stat_current_value("Allocated", 0) == held, f"step {i}"
     for name, buf in bal.named_buffers():
         assert buf.stop_gradient, name
+
+
+@pytest.mark.parametrize("kind", ["lra_siam", "gradnorm", "ntk_grad_norm"])
+def test_gradients_already_accumulated_are_kept(kind):
+    """Gradient accumulation: what `.grad` held before an update call is still there after backward."""
+    grads = []
+    for assemble in (True, False):
+        with paddle.utils.unique_name.guard():
+            net = make_net()
+            model, bal = BUILDERS[kind](net)
+            bal.assemble = assemble
+        (net(paddle.ones([3, 2])) ** 2).mean().backward()  # an earlier micro-batch
+        bal(losses_of(model, 0), 0).backward()
+        grads.append([p.grad.numpy().copy() for p in net.parameters()])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
