@@ -183,12 +183,8 @@ class Balancer(paddle.nn.Layer):
         """Create the per-term state once the number of terms ``k`` is known."""
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
-        self.register_buffer("scale_range", self._empty_range(k), persistable=False)
-
-    @staticmethod
-    def _empty_range(k: int) -> paddle.Tensor:
-        """Running [min, max] of the per-term gradient statistic (see ``_record_bad_terms``), empty."""
-        return paddle.to_tensor(np.array([[np.inf] * k, [-np.inf] * k]), dtype="float64")
+        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype="float64"), persistable=False)
+        self.register_buffer("scale_max", paddle.full([k], -np.inf, dtype="float64"), persistable=False)
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -270,8 +266,8 @@ class Balancer(paddle.nn.Layer):
         ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
         gradient was non-finite or zero since the last check (their weights were kept)."""
         scale = scale if scale.dtype == paddle.float64 else scale.astype("float64")
-        paddle.assign(paddle.minimum(self.scale_range[0], scale), output=self.scale_range[0])
-        paddle.assign(paddle.maximum(self.scale_range[1], scale), output=self.scale_range[1])
+        paddle.assign(paddle.minimum(self.scale_min, scale), output=self.scale_min)
+        paddle.assign(paddle.maximum(self.scale_max, scale), output=self.scale_max)
         self._updates_since_check += 1
         if self.check_every and self._updates_since_check >= self.check_every:
             self.check_terms()
@@ -280,10 +276,11 @@ class Balancer(paddle.nn.Layer):
         """Warn about terms whose gradient was non-finite or zero at some update since the last check;
         returns ``{name: (non-finite, zero)}`` flags and resets them (synchronises)."""
         self._updates_since_check = 0
-        if self._names is None or not hasattr(self, "scale_range"):
+        if self._names is None or not hasattr(self, "scale_min"):
             return {}
-        low, high = self.scale_range.numpy()
-        self.scale_range.set_value(self._empty_range(len(self._names)))
+        low, high = self.scale_min.numpy(), self.scale_max.numpy()
+        self.scale_min.set_value(paddle.full_like(self.scale_min, np.inf))
+        self.scale_max.set_value(paddle.full_like(self.scale_max, -np.inf))
         out = {n: (bool(np.isnan(lo) or not np.isfinite(hi)), bool(lo == 0.0))
                for n, lo, hi in zip(self._names, low, high)}
         nonfinite = [n for n, c in out.items() if c[0]]
