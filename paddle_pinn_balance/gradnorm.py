@@ -135,6 +135,7 @@ class GradNormBalancer(Balancer):
         self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
         self.register_buffer("has_initial_losses", paddle.zeros([self.n_loss], dtype="bool"))
         self.register_buffer("last_grad_norm_loss", paddle.zeros([1], dtype="float32"))
+        self._initial_complete = False  # host flag: every L_i(0) taken (read at check_terms, no extra sync)
         if loss_names is not None:
             self._set_names(loss_names)
 
@@ -155,10 +156,18 @@ class GradNormBalancer(Balancer):
 
     def _after_load(self):
         super()._after_load()
+        self._initial_complete = bool(self.has_initial_losses.numpy().all())
+
+    def check_terms(self) -> dict:
+        out = super().check_terms()  # synchronises anyway: learn whether every L_i(0) has been taken
+        if hasattr(self, "has_initial_losses"):
+            self._initial_complete = bool(self.has_initial_losses.numpy().all())
+        return out
 
     def reset_initial_losses(self) -> None:
         """Take :math:`L_i(0)` again at the next call."""
         self.has_initial_losses.set_value(paddle.zeros([self.n_loss], dtype="bool"))
+        self._initial_complete = False
 
     # ------------------------------------------------------------------ the method
 
@@ -221,7 +230,8 @@ class GradNormBalancer(Balancer):
     needs_gradients = True
 
     def _update_from_gradients(self, values, G):
-        self._capture_initial(values)
+        if not self._initial_complete:
+            self._capture_initial(values)
         W = G[:, : self._n_shared] if G.shape[1] != self._n_shared else G
         norms = paddle.sqrt((W * W).sum(axis=1))
         self._record_bad_terms(norms)
