@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             spec = load_benchmark(args.config, overrides=args.overrides)
             methods = _select_methods(spec, args.method, args.config)
+            _check_balancers(spec, methods, args.config)
             if args.out is None:
                 args.out = os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -238,6 +239,28 @@ def _select_methods(spec: dict, wanted, path) -> list:
     if missing:
         raise _UsageError(f"pinn-balance run: error: unknown method {missing[0]!r} in {path}; allowed: {labels}")
     return [m for m in spec["methods"] if m["label"] in wanted]
+
+
+def _check_balancers(spec: dict, methods: list, path) -> None:
+    """Build every selected balancer once on a fresh network (values checked by the constructors) before training."""
+    import numpy as np
+
+    from .config import allowed_keys, build_balancer
+
+    problem = spec["_problem"]
+    for m in methods:
+        cfg = dict(m["balancer"])
+        if "loss_names" in allowed_keys(cfg["name"]) and not {"loss_names", "n_loss"} & set(cfg):
+            cfg["loss_names"] = list(problem.loss_names)
+        try:
+            model = problem.build_model(0)
+            if cfg["name"] == "ntk" and cfg.get("mode", "trace") == "trace" and "kernels" not in cfg:
+                if not callable(getattr(problem, "kernels", None)):
+                    raise ValueError(f"problem {spec['problem']!r} has no kernels; use `mode: grad_norm`")
+                cfg["kernels"] = problem.kernels(problem.sample(np.random.default_rng(0)))
+            build_balancer(cfg, model)
+        except (TypeError, ValueError) as e:
+            _fail(path, f"method {m['label']!r}: {' '.join(str(e).split())}")
 
 
 def _slug(label: str) -> str:
