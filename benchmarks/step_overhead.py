@@ -140,22 +140,38 @@ def methods_available(with_ppsci):
     return names
 
 
-def time_setup(terms, freqs, rounds, block, with_ppsci):
-    runners = {("plain", 1): Runner("plain", 1, terms)}
-    if with_ppsci:
-        runners[("ppsci_sum", 1)] = Runner("ppsci_sum", 1, terms)
-    for m in methods_available(with_ppsci):
-        for f in freqs:
-            runners[(m, f)] = Runner(m, f, terms)
+def _clock():
+    """CPU time of this process on the CPU (robust to other load on a shared machine), wall time on a GPU
+    (the blocks end with a synchronisation)."""
+    return time.perf_counter() if paddle.device.get_device().startswith("gpu") else time.process_time()
+
+
+def time_pair(method, freq, terms, rounds, block):
+    """Median step time of `method` and of a plain runner built beside it, alternating blocks of `block`
+    steps for `rounds` rounds; returns (ms of the method, its ratio to the paired plain step)."""
+    runners = {"plain": Runner("plain", 1, terms), method: Runner(method, freq, terms)}
     for r in runners.values():  # warm-up (and the first update step, which fixes names and state)
         r.run(3)
     times = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, r in runners.items():
-            t0 = time.perf_counter()
-            r.run(block)
-            times[key].append((time.perf_counter() - t0) / block)
-    return {k: statistics.median(v) for k, v in times.items()}
+    for i in range(rounds):
+        for key in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
+            t0 = _clock()
+            runners[key].run(block)
+            times[key].append((_clock() - t0) / block)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return med[method], med[method] / med["plain"], med["plain"]
+
+
+def time_setup(terms, freqs, rounds, block, with_ppsci):
+    """{(method, update_freq): (seconds per step, ratio to its paired plain step)}, and the plain step."""
+    out, plains = {}, []
+    keys = [("ppsci_sum", 1)] if with_ppsci else []
+    keys += [(m, f) for m in methods_available(with_ppsci) for f in freqs]
+    for m, f in keys:
+        t, ratio, plain = time_pair(m, f, terms, rounds, block)
+        out[(m, f)] = (t, ratio)
+        plains.append(plain)
+    return out, statistics.median(plains)
 
 
 def peak_memory(method, freq, terms, steps):
@@ -196,22 +212,21 @@ def main(argv=None):
             print("ppsci not installed: PaddleScience's aggregators are not measured")
     device = paddle.device.get_device()
     print(f"device {device}, paddle {paddle.__version__}, threads {os.environ['OMP_NUM_THREADS']}, "
-          f"rounds {args.rounds} x {args.block} steps, median per step")
+          f"rounds {args.rounds} x {args.block} steps per method and its paired plain runner, medians")
     results = []
     for terms in args.terms:
-        med = time_setup(terms, args.freqs, args.rounds, args.block, with_ppsci)
-        plain = med[("plain", 1)]
-        print(f"\n{terms} terms: plain step {plain * 1e3:.2f} ms")
+        med, plain = time_setup(terms, args.freqs, args.rounds, args.block, with_ppsci)
+        print(f"\n{terms} terms: plain step {plain * 1e3:.2f} ms (median over the pairs)")
         print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
               + (f"{'peak MB':>9}{'x plain':>9}" if args.memory else ""))
         mem_plain = peak_memory("plain", 1, terms, 10) if args.memory else None
-        for (m, f), t in med.items():
+        for (m, f), (t, ratio) in med.items():
             ppsci_ratio = ""
             if with_ppsci and m in ("lra", "gradnorm", "ntk_grad_norm"):
-                best = min(med[(pm, f)] for pm in ("ppsci_gradnorm", "ppsci_ntk"))
-                ppsci_ratio = f"{best / t:.2f}"
-            row = dict(terms=terms, method=m, update_freq=f, ms=t * 1e3, ratio=t / plain)
-            line = f"  {m:<16}{f:>12}{t * 1e3:>10.2f}{t / plain:>9.3f}{ppsci_ratio:>12}"
+                best = min(med[(pm, f)][1] for pm in ("ppsci_gradnorm", "ppsci_ntk"))
+                ppsci_ratio = f"{best / ratio:.2f}"
+            row = dict(terms=terms, method=m, update_freq=f, ms=t * 1e3, ratio=ratio)
+            line = f"  {m:<16}{f:>12}{t * 1e3:>10.2f}{ratio:>9.3f}{ppsci_ratio:>12}"
             if args.memory:
                 mem = peak_memory(m, f, terms, 10)
                 row["peak_mb"] = mem
@@ -220,7 +235,9 @@ def main(argv=None):
             print(line)
     if args.memory:
         print("\npeak MB: the most memory a step allocates beyond what is allocated before it (allocator counters)")
-    print("ppsci/ours: time of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
+    print("x plain: median step time over that of a plain step measured beside it (alternating blocks; CPU time "
+          "of the process on a CPU, wall time on a GPU)")
+    print("ppsci/ours: x plain of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, results=results), f, indent=1)
