@@ -39,17 +39,8 @@ import sys
 import tempfile
 import time
 
-
-def _threads_from_argv() -> str:
-    for i, a in enumerate(sys.argv):
-        if a == "--threads" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-    return "1"
-
-
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, _threads_from_argv())
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _threads  # noqa: E402,F401  (sets OMP_NUM_THREADS etc. before paddle is imported)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import ppsci  # noqa: E402
