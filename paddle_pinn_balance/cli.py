@@ -313,6 +313,11 @@ def run(spec: dict, methods: list, iters: int | None = None, seeds: int | None =
         "settings": spec["settings"], "reference": spec.get("reference"), "iters": iters, "seeds": seed_list,
         "error_name": problem.error_name, "methods": results, "plots": [os.path.basename(f) for f in files],
     }
+    return _write_results(out, summary, files)
+
+
+def _write_results(out: str, summary: dict, files: list) -> int:
+    """Write ``results.json`` into ``out`` and list what was written; exit code 0."""
     path = os.path.join(out, "results.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -488,13 +493,7 @@ def demo(iters: int = DEFAULT_ITERS, out: str = os.path.join("runs", "demo"), se
         "runs": results,
         "plots": [os.path.basename(f) for f in files],
     }
-    path = os.path.join(out, "results.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\nwrote {path}")
-    for f in files:
-        print(f"wrote {f}")
-    return 0
+    return _write_results(out, summary, files)
 
 
 def _table(results: dict, error_name: str | None = None) -> str:
