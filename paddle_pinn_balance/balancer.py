@@ -5,7 +5,8 @@ A balancer maps ``{name: scalar loss}`` and a step to the weighted total
 .. math:: L = \\sum_i \\lambda_i L_i .
 
 Methods differ only in how they turn per-term statistics into raw weight estimates
-(:meth:`Balancer._update`); everything else lives here, written once:
+(:meth:`Balancer._update_from_gradients`, from the stacked per-term gradients this module takes once, or
+:meth:`Balancer._update` for methods with statistics of their own); everything else lives here, written once:
 
 * names are fixed at construction (``loss_names=``) or at the first call and checked on every call;
 * on a call where ``step % update_freq == 0`` the weights are updated *first*, from this call's losses,
