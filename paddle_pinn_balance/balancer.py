@@ -302,14 +302,16 @@ class Balancer(paddle.nn.Layer):
     def _update(self, values: list) -> None:
         """Compute raw estimates from this call's losses and store them with :meth:`_set_weights`
         (methods that do not read per-term gradients)."""
-        raise NotImplementedError  # abstract: every concrete balancer overrides one of the two hooks
+        raise NotImplementedError(f"{type(self).__name__} must override `_update_from_gradients` "
+                                  "(with needs_gradients=True) or `_update`")
 
     def _update_from_gradients(self, values: list, G: paddle.Tensor) -> Optional[paddle.Tensor]:
         """Update from the stacked per-term gradients ``G`` (``[K, len(flat self._params)]``).
 
         May return a tensor of value 0 to add to the total (GradNorm: its weights' own gradient).
         """
-        raise NotImplementedError  # abstract: every concrete balancer overrides one of the two hooks
+        raise NotImplementedError(f"{type(self).__name__} must override `_update_from_gradients` "
+                                  "(with needs_gradients=True) or `_update`")
 
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
         """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any value is non-finite.

@@ -13,6 +13,7 @@ Every problem follows the same small interface (:class:`Problem`), so one traini
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,7 +60,7 @@ class MLP(paddle.nn.Layer):
         return self.linears[-1](h)
 
 
-class Problem:
+class Problem(abc.ABC):
     """Base of the benchmark problems (see the module docstring for the interface).
 
     Subclasses set ``name``, ``loss_names``, ``axis_labels``, ``grid_shape`` and implement
@@ -77,20 +78,25 @@ class Problem:
     decay_rate = 0.9
     decay_steps = 1000
 
+    @abc.abstractmethod
     def build_model(self, seed: int) -> paddle.nn.Layer:
-        raise NotImplementedError
+        """Implemented by every problem."""
 
+    @abc.abstractmethod
     def sample(self, rng: np.random.Generator) -> dict:
-        raise NotImplementedError
+        """Implemented by every problem."""
 
+    @abc.abstractmethod
     def losses(self, model, batch: dict) -> dict:
-        raise NotImplementedError
+        """Implemented by every problem."""
 
+    @abc.abstractmethod
     def exact(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Implemented by every problem."""
 
+    @abc.abstractmethod
     def test_grid(self) -> np.ndarray:
-        raise NotImplementedError
+        """Implemented by every problem."""
 
     def optimizer(self, parameters):
         """``(Adam, ExponentialDecay)`` with ``gamma = decay_rate ** (1 / decay_steps)``."""
