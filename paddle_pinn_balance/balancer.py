@@ -30,6 +30,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
+from . import ops
 from .gradients import assembled_total, mean_across_ranks, term_gradients, term_gradients_by_backward, world_size
 
 __all__ = ["Balancer", "Sum"]
@@ -139,7 +140,8 @@ class Balancer(paddle.nn.Layer):
         self.assemble = assemble
         self.check_every = check_int("check_every", check_every, minimum=0)
         self._losses_finite = None  # set on each update step (a device bool)
-        self._updates_since_check = 0
+        # host counters in a plain dict: `paddle.nn.Layer.__setattr__` costs 6 us a call on the hot path
+        self._host = {"calls": 0, "since_check": 0}  # calls: mirror of `num_calls`, never read back
         self.update_freq = check_int("update_freq", update_freq)
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
         self.min_weight = check_float("min_weight", min_weight, 0.0, optional=True)
@@ -148,8 +150,6 @@ class Balancer(paddle.nn.Layer):
             raise ValueError(f"`min_weight` ({min_weight}) must not exceed `max_weight` ({max_weight})")
         self.eps = check_float("eps", eps, 0.0)
         self._names: Optional[tuple] = None
-        self._calls = 0  # host mirror of the `num_calls` buffer (never read back on the hot path)
-        self._one = paddle.ones([1], dtype="int64")  # a non-persistable buffer (paddle registers tensors)
         self.register_buffer("num_calls", paddle.zeros([1], dtype="int64"))
         self.register_buffer("num_updates", paddle.zeros([1], dtype="int64"))
         if loss_names is not None:
@@ -184,8 +184,8 @@ class Balancer(paddle.nn.Layer):
         """Create the per-term state once the number of terms ``k`` is known."""
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
-        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype="float64"), persistable=False)
-        self.register_buffer("scale_max", paddle.full([k], -np.inf, dtype="float64"), persistable=False)
+        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype="float32"), persistable=False)
+        self.register_buffer("scale_max", paddle.full([k], -np.inf, dtype="float32"), persistable=False)
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -195,15 +195,15 @@ class Balancer(paddle.nn.Layer):
     def forward(self, losses: Mapping[str, paddle.Tensor], step: Optional[int] = None) -> paddle.Tensor:
         values = self._validate(losses)
         if step is None:
-            step = self._calls
+            step = self._host["calls"]
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise ValueError(f"`step` must be an integer or None; got {step!r}")
-        self._calls += 1
-        self.num_calls.add_(self._one)
+        self._host["calls"] += 1
+        ops.increment_(self.num_calls)
         self._before_call(values)
         update = step % self.update_freq == 0
         if update:
-            self.num_updates.add_(self._one)
+            ops.increment_(self.num_updates)
         return self._total(values, update)
 
     def _validate(self, losses) -> list:
@@ -237,28 +237,29 @@ class Balancer(paddle.nn.Layer):
         """Hook run on every call before the update decision (GradNorm: renormalise, capture L(0))."""
 
     def _total(self, values: list, update: bool) -> paddle.Tensor:
-        stacked = paddle.stack(values)
         if not update:
-            return weighted_sum(stacked, self._weight_vector())
+            return weighted_sum(ops.stack(values), self._weight_vector())
         if not self.needs_gradients:
+            stacked = ops.stack(values)
             # an overflowing (or NaN) loss skips this update whatever the kernels' statistics say
-            self._losses_finite = paddle.isfinite(stacked.detach()).all()
+            self._losses_finite = ops.all_finite(stacked.detach())
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         # per-term gradients once; with `assemble` the total's backward reuses them (no second backward)
         prior = None
-        if self.assemble and world_size() == 1:
+        single = world_size() == 1
+        if self.assemble and single:
             local, prior = term_gradients_by_backward(values, self._params)
         else:
             local = term_gradients(values, self._params, retain_graph=not self.assemble)
-        G = mean_across_ranks(local)  # data-parallel: the gradient on the union of the ranks' points
+        G = local if single else mean_across_ranks(local)  # data-parallel: the gradient on all ranks' points
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
         # the local gradients: a DataParallel model's own backward hooks average them across ranks
         if self.assemble:
-            total = assembled_total(stacked, w, local, self._params, prior)
+            total = assembled_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior)
         else:
-            total = weighted_sum(stacked, w)
+            total = weighted_sum(ops.stack(values), w)
         return total if extra is None else total + extra
 
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:
@@ -266,17 +267,18 @@ class Balancer(paddle.nn.Layer):
         term's gradient is, 0 exactly when it is zero) by its running min and max (NaN propagates); every
         ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
         gradient was non-finite or zero since the last check (their weights were kept)."""
-        scale = scale if scale.dtype == paddle.float64 else scale.astype("float64")
-        paddle.assign(paddle.minimum(self.scale_min, scale), output=self.scale_min)
-        paddle.assign(paddle.maximum(self.scale_max, scale), output=self.scale_max)
-        self._updates_since_check += 1
-        if self.check_every and self._updates_since_check >= self.check_every:
+        low, high = self.scale_min, self.scale_max
+        scale = ops.cast(scale.detach(), low.dtype)
+        ops.assign_(ops.minimum(low, scale), low)
+        ops.assign_(ops.maximum(high, scale), high)
+        self._host["since_check"] += 1
+        if self.check_every and self._host["since_check"] >= self.check_every:
             self.check_terms()
 
     def check_terms(self) -> dict:
         """Warn about terms whose gradient was non-finite or zero at some update since the last check;
         returns ``{name: (non-finite, zero)}`` flags and resets them (synchronises)."""
-        self._updates_since_check = 0
+        self._host["since_check"] = 0
         if self._names is None or not hasattr(self, "scale_min"):
             return {}
         low, high = self.scale_min.numpy(), self.scale_max.numpy()
@@ -319,22 +321,29 @@ class Balancer(paddle.nn.Layer):
         ``scale``: the per-term gradient statistic, for the non-finite / zero-gradient bookkeeping.
         """
         old = self.lambdas
-        raw = raw if raw.stop_gradient else raw.detach()
-        if raw.dtype != old.dtype:
-            raw = raw.astype(old.dtype)
-        new = raw if self.momentum == 0.0 else paddle.lerp(old, raw, 1.0 - self.momentum)
+        raw = ops.cast(raw.detach(), old.dtype)
+        new = raw if self.momentum == 0.0 else ops.lerp(old, raw, self._constant(1.0 - self.momentum, old.dtype))
         new = self._clip(new)
-        ok = paddle.isfinite(new).all()
+        ok = ops.all_finite(new)
         if self._losses_finite is not None:
             ok = ok & self._losses_finite
-        paddle.assign(paddle.where(ok, new, old), output=old)
+        ops.assign_(ops.where(ok, new, old), old)
         if scale is not None:
             self._record_bad_terms(scale)
 
     def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
         if self.min_weight is None and self.max_weight is None:
             return w
-        return paddle.clip(w, min=self.min_weight, max=self.max_weight)
+        return ops.clip(w, -math.inf if self.min_weight is None else self.min_weight,
+                        math.inf if self.max_weight is None else self.max_weight)
+
+    def _constant(self, value: float, dtype) -> paddle.Tensor:
+        """A cached 0-d tensor holding ``value`` (an operand of the update's arithmetic)."""
+        key = (value, dtype)
+        cache = self.__dict__.setdefault("_constants", {})  # a plain dict: not registered as buffers
+        if key not in cache:
+            cache[key] = paddle.full([], value, dtype=dtype)
+        return cache[key]
 
     # ------------------------------------------------------------------ inspection (may synchronise)
 
@@ -395,7 +404,7 @@ class Balancer(paddle.nn.Layer):
         return {}
 
     def _after_load(self) -> None:
-        self._calls = int(self.num_calls.numpy()[0])
+        self._host["calls"] = int(self.num_calls.numpy()[0])
 
     def extra_repr(self) -> str:
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
@@ -403,10 +412,7 @@ class Balancer(paddle.nn.Layer):
 
 def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
     """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype."""
-    w = weights if weights.stop_gradient else weights.detach()
-    if w.dtype != stacked.dtype:
-        w = w.astype(stacked.dtype)
-    return paddle.dot(stacked, w)
+    return ops.dot(stacked, ops.cast(weights.detach(), stacked.dtype))
 
 
 class Sum(Balancer):
@@ -441,4 +447,4 @@ class Sum(Balancer):
         self.lambdas.set_value(paddle.to_tensor(init, dtype="float32"))
 
     def _total(self, values, update):
-        return weighted_sum(paddle.stack(values), self.lambdas)
+        return weighted_sum(ops.stack(values), self.lambdas)

@@ -14,6 +14,8 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import paddle
 
+from . import ops
+
 PARAM_SUBSETS = ("all", "weights")
 
 
@@ -94,9 +96,7 @@ def flat_grad(loss: paddle.Tensor, params: Sequence[paddle.Tensor], retain_graph
         grads = [None] * len(params)
     else:
         grads = paddle.grad([loss], list(params), retain_graph=retain_graph, allow_unused=True)
-    return paddle.concat(
-        [(paddle.zeros_like(p) if g is None else g).reshape([-1]) for g, p in zip(grads, params)]
-    )
+    return ops.flatten_cat([paddle.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
 
 
 def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor],
@@ -110,11 +110,12 @@ def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tens
     higher-order graph is the largest: peak memory then stays close to a plain step's.
     """
     rows = [flat_grad(v, params, retain_graph or i > 0) for i, v in reversed(list(enumerate(values)))]
-    return paddle.stack(rows[::-1])
+    return ops.stack(rows[::-1])
 
 
 def _flat_param_grads(params: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    return paddle.concat([(paddle.zeros_like(p) if p.grad is None else p.grad).reshape([-1]) for p in params])
+    grads = [p.grad for p in params]
+    return ops.flatten_copy([paddle.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
 
 
 def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> tuple:
@@ -144,7 +145,7 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
         rows.append(_flat_param_grads(params))
         for p in params:
             p.clear_gradient(False)
-    G = paddle.stack(rows[::-1])
+    G = ops.stack(rows[::-1])
     G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
     return G, prior
 
@@ -158,14 +159,13 @@ def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Te
     ``value + (s - s.detach())`` adds exactly zero to the value, and its backward is ``d s / d theta = g``:
     no second backward through the losses' graph.
     """
-    w = weights if weights.stop_gradient else weights.detach()
-    value = paddle.dot(stacked.detach(), w if w.dtype == stacked.dtype else w.astype(stacked.dtype))
-    g = paddle.matmul(w if w.dtype == G.dtype else w.astype(G.dtype), G)
+    w = weights.detach()
+    value = ops.dot(stacked.detach(), ops.cast(w, stacked.dtype))
+    g = ops.matmul(ops.cast(w, G.dtype), G)
     if prior is not None:
         g = g + prior
-    s = paddle.dot(paddle.concat([p.reshape([-1]) for p in params]), g)
-    zero = s - s.detach()
-    return value + (zero if zero.dtype == value.dtype else zero.astype(value.dtype))
+    s = ops.dot(ops.flatten_cat(params), g)
+    return value + ops.cast(s - s.detach(), value.dtype)
 
 
 def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
@@ -221,17 +221,17 @@ def ratio_statistics(G: paddle.Tensor, stat: str, reduction: str, segments: Segm
     per_layer = reduction == "layer_max_ratio"
     if stat == "norm":
         if reduction == "flat":
-            v = paddle.sqrt((G * G).sum(axis=1))
+            v = ops.row_norm(G)
         else:
             v = paddle.sqrt(segments.sum(G * G))
-            v = v if per_layer else v.mean(axis=1)
+            v = v if per_layer else ops.row_mean(v)
         return v, v
-    A = paddle.abs(G)
+    A = ops.abs(G)
     if reduction == "flat":
-        den = A.mean(axis=1)
+        den = ops.row_mean(A)
     else:
         den = segments.mean(A)
-        den = den if per_layer else den.mean(axis=1)
+        den = den if per_layer else ops.row_mean(den)
     if stat == "mean":
         return den, den
-    return (segments.max(A) if per_layer else A.max(axis=1)), den
+    return (segments.max(A) if per_layer else ops.row_max(A)), den

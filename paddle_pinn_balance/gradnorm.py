@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
+from . import ops
 from .balancer import Balancer, check_float, check_int
 from .gradients import flat_grad, mean_across_ranks, trainable_parameters, weights_first
 
@@ -134,7 +135,8 @@ class GradNormBalancer(Balancer):
         )
         self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
         self.register_buffer("has_initial_losses", paddle.zeros([self.n_loss], dtype="bool"))
-        self.register_buffer("last_grad_norm_loss", paddle.zeros([1], dtype="float32"))
+        # the last L_grad, for logging (not state: a checkpoint does not hold it)
+        self.register_buffer("last_grad_norm_loss", paddle.zeros([], dtype=dtype), persistable=False)
         self._initial_complete = False  # host flag: every L_i(0) taken (read at check_terms, no extra sync)
         if loss_names is not None:
             self._set_names(loss_names)
@@ -152,7 +154,7 @@ class GradNormBalancer(Balancer):
         return self.loss_weights
 
     def _extra_state_shapes(self, k):
-        return {"initial_losses": [k], "has_initial_losses": [k], "last_grad_norm_loss": [1]}
+        return {"initial_losses": [k], "has_initial_losses": [k]}
 
     def _after_load(self):
         super()._after_load()
@@ -173,7 +175,7 @@ class GradNormBalancer(Balancer):
 
     def _normalised(self) -> paddle.Tensor:
         w = self._clip(self.loss_weights.detach())
-        return w * (self.n_loss / w.sum())
+        return ops.scale(w, self.n_loss) / ops.total(w)
 
     @property
     def weights(self) -> dict:
@@ -186,18 +188,21 @@ class GradNormBalancer(Balancer):
         return self._normalised().numpy()
 
     def _renormalise(self) -> None:
-        """``w <- T w / sum(w)`` in place (after bounds), unless that is non-finite (no graph: detached)."""
-        new = self._normalised()
-        paddle.assign(paddle.where(paddle.isfinite(new).all(), new, self.loss_weights.detach()),
-                      output=self.loss_weights)
+        """``w <- T w / sum(w)`` in place, after bounds (no graph: detached). The weights stay finite and
+        their sum positive: the weight gradient is zeroed where non-finite, and ``min_weight > 0``."""
+        ops.assign_(self._normalised(), self.loss_weights)
 
-    def _capture_initial(self, values) -> None:
+    def _capture_initial(self, current) -> None:
         """:math:`L_i(0)`: the first finite, positive loss of each term (on the device, no sync): a term
-        whose first loss is NaN, Inf or 0 is taken at a later update, and its ratio is 1 until then."""
-        current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(self.initial_losses.dtype))
-        take = ~self.has_initial_losses & paddle.isfinite(current) & (current > 0)
-        paddle.assign(paddle.where(take, current, self.initial_losses), output=self.initial_losses)
-        paddle.assign(self.has_initial_losses | take, output=self.has_initial_losses)
+        whose first loss is NaN, Inf or 0 is taken at a later update, and its ratio is 1 until then.
+        ``current``: this call's losses (:meth:`_current_losses`)."""
+        take = ~self.has_initial_losses & ops.isfinite(current) & (current > 0)
+        ops.assign_(ops.where(take, current, self.initial_losses), self.initial_losses)
+        ops.assign_(self.has_initial_losses | take, self.has_initial_losses)
+
+    def _current_losses(self, values) -> paddle.Tensor:
+        """This call's losses as one detached vector in the weights' dtype, averaged over ranks."""
+        return mean_across_ranks(ops.cast(ops.stack([v.detach() for v in values]), self.initial_losses.dtype))
 
     def _before_call(self, values):
         self._renormalise()
@@ -208,38 +213,38 @@ class GradNormBalancer(Balancer):
         ``norms``: :math:`\\|\\nabla_W L_i\\|_2` if already known (else taken here with ``paddle.grad``).
         """
         if norms is None:
-            norms = paddle.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
+            norms = ops.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
+        return self._weight_gradient(self._current_losses(values), norms)
+
+    def _weight_gradient(self, current, norms) -> tuple:
         # every input is detached: the arithmetic below builds no graph
         w = self.loss_weights.detach()
-        norms = norms.detach() if norms.dtype == w.dtype else norms.detach().astype(w.dtype)
+        norms = ops.cast(norms.detach(), w.dtype)
         G = w * norms
-        current = mean_across_ranks(paddle.stack([v.detach() for v in values]).astype(w.dtype))
-        ratio = paddle.where(self.has_initial_losses, current / (self.initial_losses + self.eps),
-                             paddle.ones_like(current))
-        r = ratio / (ratio.mean() + self.eps)
-        target = G.mean() * paddle.pow(r, self.alpha)
+        ratio = current / ops.scale(self.initial_losses, 1.0, self.eps)
+        if not self._initial_complete:  # ratio 1 for terms whose L_i(0) is not taken yet
+            ratio = ops.where(self.has_initial_losses, ratio, ops.filled(self.n_loss, 1.0, ratio))
+        r = ratio / ops.scale(ops.total(ratio), 1.0 / self.n_loss, self.eps)
+        target = ops.scale(ops.total(G), 1.0 / self.n_loss) * ops.pow(r, self.alpha)
         diff = G - target
-        l_grad = paddle.abs(diff).sum()
-        grad = paddle.sign(diff) * norms
-        grad = paddle.where(paddle.isfinite(grad), grad, paddle.zeros_like(grad))
-        l_host = l_grad.reshape([1]).astype("float32")
-        paddle.assign(paddle.where(paddle.isfinite(l_host), l_host, self.last_grad_norm_loss),
-                      output=self.last_grad_norm_loss)
+        l_grad = ops.total(ops.abs(diff))
+        grad = ops.sign(diff) * norms
+        grad = ops.where(ops.isfinite(grad), grad, ops.filled(self.n_loss, 0.0, grad))
+        ops.assign_(l_grad, self.last_grad_norm_loss)
         return l_grad, grad
 
     needs_gradients = True
 
     def _update_from_gradients(self, values, G):
+        current = self._current_losses(values)
         if not self._initial_complete:
-            self._capture_initial(values)
-        W = G[:, : self._n_shared] if G.shape[1] != self._n_shared else G
-        norms = paddle.sqrt((W * W).sum(axis=1))
+            self._capture_initial(current)
+        norms = ops.row_norm(ops.leading_columns(G, self._n_shared))
         self._record_bad_terms(norms)
-        _, grad = self.weight_gradient(values, norms=norms)
+        _, grad = self._weight_gradient(current, norms)
         # value exactly 0 (s - s.detach()); backward: d/dw = grad, nothing into the net
-        s = paddle.dot(self.loss_weights, grad)
-        zero = s - s.detach()
-        return zero if zero.dtype == values[0].dtype else zero.astype(values[0].dtype)
+        s = ops.dot(self.loss_weights, grad)
+        return ops.cast(s - s.detach(), values[0].dtype)
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:
         """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into
@@ -251,7 +256,7 @@ class GradNormBalancer(Balancer):
         """
         values = self._as_list(losses)
         self._renormalise()
-        self._capture_initial(values)
+        self._capture_initial(self._current_losses(values))
         l_grad, grad = self.weight_gradient(values)
         if self.loss_weights.grad is None:
             self.loss_weights.grad = grad.astype(self.loss_weights.dtype)

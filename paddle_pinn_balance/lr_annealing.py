@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import paddle
 
+from . import ops
 from .balancer import Balancer, check_choice, check_float, check_int
 from .gradients import (
     PARAM_SUBSETS,
@@ -171,10 +172,10 @@ class LRAnnealing(Balancer):
         """
         num, den = ratio_statistics(G, self.statistic, self.reduction, self._segments)
         if len(self.ref) == 1:
-            num = num[self._ref_position]
+            num = ops.item(num, self._ref_position)
         else:
             num = paddle.index_select(num, self._ref_index, axis=0).max(axis=0)  # max over reference terms
-        current = lambdas if lambdas.dtype == G.dtype else lambdas.astype(G.dtype)
+        current = ops.cast(lambdas, G.dtype)
         if self.reduction == "layer_max_ratio":
             lam = current.unsqueeze(1)
             connected = den != 0  # per layer: a layer the term does not reach gives no ratio
@@ -184,7 +185,7 @@ class LRAnnealing(Balancer):
         else:
             hat = num / ((current * den if self._lambda_inside else den) + self.eps)
         # NaN != 0 is True: a non-finite gradient reaches the estimate and the base skips the update
-        return paddle.where(self._free & (den != 0), hat, current), den
+        return ops.where(self._free & (den != 0), hat, current), den
 
     def _clip(self, w):
         """Bounds apply to the annealed weights only: the reference terms keep weight 1."""
@@ -195,6 +196,4 @@ class LRAnnealing(Balancer):
     needs_gradients = True
 
     def _update_from_gradients(self, values, G):
-        if G.shape[1] != self._n_stat:
-            G = G[:, : self._n_stat]
-        self._set_weights(*self.estimates(G, self.lambdas))
+        self._set_weights(*self.estimates(ops.leading_columns(G, self._n_stat), self.lambdas))

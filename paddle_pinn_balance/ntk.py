@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import paddle
 
+from . import ops
 from .balancer import Balancer, check_choice, check_int
 from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
@@ -193,7 +194,7 @@ class NTKWeighting(Balancer):
     @staticmethod
     def estimates(stats: paddle.Tensor) -> paddle.Tensor:
         r"""Raw weights :math:`\hat\lambda_i = \sum_j s_j / s_i` from per-term statistics ``s`` (shape ``[K]``)."""
-        return stats.sum() / stats
+        return ops.total(stats) / stats
 
     def compute_traces(self) -> paddle.Tensor:
         """Per-term traces (``reduction`` applied), shape ``[K]``, from the kernels; sets ``last_paths``."""
@@ -216,12 +217,11 @@ class NTKWeighting(Balancer):
         """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
-        norms = paddle.sqrt((G * G).sum(axis=1)).detach()
-        current = self.lambdas if self.lambdas.dtype == norms.dtype else self.lambdas.astype(norms.dtype)
-        raw = paddle.where(norms != 0, self.estimates(norms), current)
+        norms = ops.row_norm(G).detach()
+        raw = ops.where(norms != 0, self.estimates(norms), ops.cast(self.lambdas, norms.dtype))
         old = self.traces_buf
-        new = norms if norms.dtype == old.dtype else norms.astype(old.dtype)
-        paddle.assign(paddle.where(paddle.isfinite(new).all(), new, old), output=old)
+        new = ops.cast(norms, old.dtype)
+        ops.assign_(ops.where(ops.all_finite(new), new, old), old)
         self._set_weights(raw, norms)
 
     def _update(self, values):

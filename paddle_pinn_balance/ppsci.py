@@ -399,7 +399,7 @@ class _LogHook:
             stat = "ntk_trace" if getattr(b, "mode", "trace") == "trace" else "grad_norm"
             out.update({f"{stat}/{k}": v for k, v in b.traces().items()})
         if hasattr(b, "last_grad_norm_loss"):
-            out["gradnorm_loss"] = float(b.last_grad_norm_loss.numpy()[0])
+            out["gradnorm_loss"] = float(b.last_grad_norm_loss.numpy())
         return out
 
     def __call__(self, layer, inputs, output):

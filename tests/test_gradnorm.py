@@ -52,7 +52,7 @@ def test_weight_and_network_gradients_match_algorithm_1():
         l_grad, dw = reference_grad_norm(w, [losses_np[n] for n in NAMES], initial,
                                          [grads[n][-2] for n in NAMES], 0.7)
         np.testing.assert_allclose(wrapper.loss_weights.grad.numpy(), dw, rtol=1e-4)
-        assert wrapper.aggregator.last_grad_norm_loss.numpy()[0] == pytest.approx(l_grad, rel=1e-4)
+        assert float(wrapper.aggregator.last_grad_norm_loss.numpy()) == pytest.approx(l_grad, rel=1e-4)
         assert float(total) == pytest.approx(sum(wi * losses_np[n] for wi, n in zip(w, NAMES)), rel=1e-5)
         # the network gets the gradient of sum_i w_i L_i only
         for p, *per_term in zip(net.parameters(), *(grads[n] for n in NAMES)):
