@@ -31,7 +31,14 @@ import numpy as np
 import paddle
 
 from . import ops
-from .gradients import assembled_total, mean_across_ranks, term_gradients, term_gradients_by_backward, world_size
+from .gradients import (
+    assembled_total,
+    gradient_writing_total,
+    mean_across_ranks,
+    term_gradients,
+    term_gradients_by_backward,
+    world_size,
+)
 
 __all__ = ["Balancer", "Sum"]
 
@@ -255,11 +262,12 @@ class Balancer(paddle.nn.Layer):
         G = local if single else mean_across_ranks(local)  # data-parallel: the gradient on all ranks' points
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
-        # the local gradients: a DataParallel model's own backward hooks average them across ranks
-        if self.assemble:
-            total = assembled_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior)
-        else:
+        if not self.assemble:
             total = weighted_sum(ops.stack(values), w)
+        elif single:  # the backward writes prior + sum_i w_i G[i] into the emptied .grad
+            total = gradient_writing_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior)
+        else:  # the local gradients, through the graph: a DataParallel model's hooks average them across ranks
+            total = assembled_total(ops.stack([v.detach() for v in values]), w, local, self._params)
         return total if extra is None else total + extra
 
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:

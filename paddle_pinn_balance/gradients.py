@@ -151,21 +151,55 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
 
 
 def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
-                    params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None) -> paddle.Tensor:
-    """A scalar whose value is ``sum_i w_i L_i`` and whose backward writes ``sum_i w_i G[i]`` (plus
-    ``prior``, gradients the parameters held before) into ``params``.
+                    params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    """A scalar whose value is ``sum_i w_i L_i`` and whose backward adds ``sum_i w_i G[i]`` to the gradients
+    of ``params`` through the autograd graph (so that a ``DataParallel`` model's hooks see it).
 
-    ``stacked``: the losses as one vector. ``s = theta . g`` with ``g = w^T G`` held constant;
+    ``stacked``: the losses as one detached vector. ``s = theta . g`` with ``g = w^T G`` held constant;
     ``value + (s - s.detach())`` adds exactly zero to the value, and its backward is ``d s / d theta = g``:
     no second backward through the losses' graph.
     """
     w = weights.detach()
-    value = ops.dot(stacked.detach(), ops.cast(w, stacked.dtype))
+    value = ops.dot(stacked, ops.cast(w, stacked.dtype))
     g = ops.matmul(ops.cast(w, G.dtype), G)
-    if prior is not None:
-        g = g + prior
     s = ops.dot(ops.flatten_cat(params), g)
     return value + ops.cast(s - s.detach(), value.dtype)
+
+
+def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
+                           params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """A scalar whose value is ``sum_i w_i L_i`` and whose ``backward()`` writes
+    ``prior + c * sum_i w_i G[i]`` into the ``.grad`` of ``params``, ``c`` being the gradient the backward
+    brings to the total: 1, a ``GradScaler``'s scale, ``1/n`` when the caller divides the total for gradient
+    accumulation. ``prior``: the flat gradients the parameters held before (unscaled), or ``None``.
+
+    The total is ``value + a`` with ``a`` a fresh 0-d leaf of value 0; a hook on ``a`` receives ``c`` and
+    writes the gradients with four operations (a product, a sum with ``prior``, one buffer holding views
+    shaped like the parameters, one copy into it), where a graph through the parameters (as
+    :func:`assembled_total` builds) costs a reshape and a backward node per parameter tensor. For the
+    single-process path, whose ``.grad`` the per-term backward passes left empty; ``paddle.grad`` of the
+    total with respect to the parameters is not defined (use ``assemble=False`` for that).
+    """
+    w = weights.detach()
+    value = ops.dot(stacked, ops.cast(w, stacked.dtype))
+    g = ops.matmul(ops.cast(w, G.dtype), G)
+
+    def write(c):
+        flat = ops.multiply(g, ops.cast(c.detach(), g.dtype))
+        if prior is not None:
+            flat = flat + prior
+        views = ops.views_like(params)
+        ops.assign_(flat, views[0])
+        for p, v in zip(params, views[1:]):
+            if p.grad is None:
+                p.grad = v  # the setter copies
+            else:  # another backward wrote into .grad since the balancer's call: add to it
+                ops.add_(p.grad, v)
+
+    anchor = paddle.zeros([], dtype=value.dtype)
+    anchor.stop_gradient = False
+    anchor.register_hook(write)
+    return value + anchor
 
 
 def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:

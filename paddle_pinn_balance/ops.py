@@ -23,6 +23,13 @@ def flatten_cat(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     return _C.concat([_C.reshape(t, [-1]) for t in tensors], 0)
 
 
+def views_like(tensors: Sequence[paddle.Tensor]) -> list:
+    """``[flat, view_1, ...]``: a new vector of the tensors' total size (uninitialised) and views into it
+    shaped like each tensor (one operation)."""
+    views, flat = _C.coalesce_tensor(list(tensors), tensors[0].dtype, False, False, False, 0.0, False, 0, -1, [], [])
+    return [flat] + list(views)
+
+
 def flatten_copy(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """:func:`flatten_cat` as one copying operation, for tensors of one dtype that need no gradient."""
     return _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])[1]
@@ -114,6 +121,16 @@ def isfinite(x: paddle.Tensor) -> paddle.Tensor:
 
 def matmul(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
     return _C.matmul(x, y, False, False)
+
+
+def multiply(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
+    """Elementwise product (``y`` may be 0-d)."""
+    return _C.multiply(x, y)
+
+
+def add_(x: paddle.Tensor, y: paddle.Tensor) -> None:
+    """``x += y`` in place."""
+    _C.add_(x, y)
 
 
 def dot(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:

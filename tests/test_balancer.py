@@ -279,8 +279,10 @@ def test_training_keeps_state_constant_and_allocates_nothing_per_step(kind):
 
 
 @pytest.mark.parametrize("kind", ["lra_siam", "gradnorm", "ntk_grad_norm"])
-def test_gradients_already_accumulated_are_kept(kind):
-    """Gradient accumulation: what `.grad` held before an update call is still there after backward."""
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1024.0])
+def test_gradients_already_accumulated_are_kept(kind, scale):
+    """Gradient accumulation: what `.grad` held before an update call is still there after backward,
+    unscaled when the caller scales the total (0.5: the Solver's accumulation; 1024: a GradScaler)."""
     grads = []
     for assemble in (True, False):
         with paddle.utils.unique_name.guard():
@@ -288,7 +290,7 @@ def test_gradients_already_accumulated_are_kept(kind):
             model, bal = BUILDERS[kind](net)
             bal.assemble = assemble
         (net(paddle.ones([3, 2])) ** 2).mean().backward()  # an earlier micro-batch
-        bal(losses_of(model, 0), 0).backward()
+        (bal(losses_of(model, 0), 0) * scale).backward()
         grads.append([p.grad.numpy().copy() for p in net.parameters()])
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
