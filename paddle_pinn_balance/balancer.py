@@ -262,13 +262,18 @@ class Balancer(paddle.nn.Layer):
         G = local if single else mean_across_ranks(local)  # data-parallel: the gradient on all ranks' points
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
-        if not self.assemble:
-            total = weighted_sum(ops.stack(values), w)
-        elif single:  # the backward writes prior + sum_i w_i G[i] into the emptied .grad
-            total = gradient_writing_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior)
-        else:  # the local gradients, through the graph: a DataParallel model's hooks average them across ranks
+        if self.assemble and single:  # the backward writes prior + sum_i w_i G[i] (and `extra`) into .grad
+            return gradient_writing_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior,
+                                          extra=extra)
+        if self.assemble:  # the local gradients, through the graph: a DataParallel model's hooks average them
             total = assembled_total(ops.stack([v.detach() for v in values]), w, local, self._params)
-        return total if extra is None else total + extra
+        else:
+            total = weighted_sum(ops.stack(values), w)
+        if extra is not None:  # a term of value 0 whose backward gives `param` the gradient `grad`
+            param, grad = extra
+            s = ops.dot(param, grad)
+            total = total + ops.cast(s - s.detach(), total.dtype)
+        return total
 
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:
         """Track, on the device, the per-term gradient statistic ``scale`` (non-finite exactly when the
@@ -315,10 +320,11 @@ class Balancer(paddle.nn.Layer):
         raise NotImplementedError(f"{type(self).__name__} must override `_update_from_gradients` "
                                   "(with needs_gradients=True) or `_update`")
 
-    def _update_from_gradients(self, values: list, G: paddle.Tensor) -> Optional[paddle.Tensor]:
+    def _update_from_gradients(self, values: list, G: paddle.Tensor) -> Optional[tuple]:
         """Update from the stacked per-term gradients ``G`` (``[K, len(flat self._params)]``).
 
-        May return a tensor of value 0 to add to the total (GradNorm: its weights' own gradient).
+        May return ``(param, grad)``: a gradient the total's backward must also deliver to a parameter
+        outside the net (GradNorm: its weights' own gradient), scaled like the rest.
         """
         raise NotImplementedError(f"{type(self).__name__} must override `_update_from_gradients` "
                                   "(with needs_gradients=True) or `_update`")

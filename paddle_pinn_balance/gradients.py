@@ -133,21 +133,28 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
     if any(p.grad is not None for p in params):
         prior = _flat_param_grads(params)
         prior.stop_gradient = True
-        for p in params:
-            p.clear_gradient(False)
-    rows = []
+        _clear(params)
+    rows = []  # terms K-1 .. 1, each copied out flat
     for i in reversed(range(len(values))):
         v = values[i]
         if v.stop_gradient:
-            rows.append(paddle.zeros([sum(int(np.prod(p.shape)) for p in params)], dtype=params[0].dtype))
-            continue
-        v.backward(retain_graph=i > 0)
-        rows.append(_flat_param_grads(params))
-        for p in params:
-            p.clear_gradient(False)
-    G = ops.stack(rows[::-1])
+            grads = [paddle.zeros_like(p) for p in params]
+        else:
+            v.backward(retain_graph=i > 0)
+            grads = [paddle.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if i > 0:
+            rows.append(ops.flatten_copy(grads))
+            _clear(params)
+    # term 0 last: its gradients and the rows above in one copy, which is the stacked matrix
+    G = ops.reshape(ops.flatten_copy(grads + rows[::-1]), [len(values), -1])
+    _clear(params)
     G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
     return G, prior
+
+
+def _clear(params: Sequence[paddle.Tensor]) -> None:
+    for p in params:
+        p.clear_gradient(False)
 
 
 def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
@@ -167,11 +174,13 @@ def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Te
 
 
 def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
-                           params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+                           params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None,
+                           extra: Optional[tuple] = None) -> paddle.Tensor:
     """A scalar whose value is ``sum_i w_i L_i`` and whose ``backward()`` writes
     ``prior + c * sum_i w_i G[i]`` into the ``.grad`` of ``params``, ``c`` being the gradient the backward
     brings to the total: 1, a ``GradScaler``'s scale, ``1/n`` when the caller divides the total for gradient
     accumulation. ``prior``: the flat gradients the parameters held before (unscaled), or ``None``.
+    ``extra``: ``(param, grad)``, one more gradient to add, as ``c * grad``, to ``param.grad``.
 
     The total is ``value + a`` with ``a`` a fresh 0-d leaf of value 0; a hook on ``a`` receives ``c`` and
     writes the gradients with four operations (a product, a sum with ``prior``, one buffer holding views
@@ -185,12 +194,16 @@ def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: pa
     g = ops.matmul(ops.cast(w, G.dtype), G)
 
     def write(c):
-        flat = ops.multiply(g, ops.cast(c.detach(), g.dtype))
+        c = c.detach()
+        flat = ops.multiply(g, ops.cast(c, g.dtype))
         if prior is not None:
             flat = flat + prior
         views = ops.views_like(params)
         ops.assign_(flat, views[0])
-        for p, v in zip(params, views[1:]):
+        pairs = list(zip(params, views[1:]))
+        if extra is not None:
+            pairs.append((extra[0], ops.multiply(extra[1], ops.cast(c, extra[1].dtype))))
+        for p, v in pairs:
             if p.grad is None:
                 p.grad = v  # the setter copies
             else:  # another backward wrote into .grad since the balancer's call: add to it

@@ -242,9 +242,7 @@ class GradNormBalancer(Balancer):
         norms = ops.row_norm(ops.leading_columns(G, self._n_shared))
         self._record_bad_terms(norms)
         _, grad = self._weight_gradient(current, norms)
-        # value exactly 0 (s - s.detach()); backward: d/dw = grad, nothing into the net
-        s = ops.dot(self.loss_weights, grad)
-        return ops.cast(s - s.detach(), values[0].dtype)
+        return self.loss_weights, grad  # the total's backward gives the weights dL_grad/dw, nothing into the net
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:
         """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into

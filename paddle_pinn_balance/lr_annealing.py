@@ -185,7 +185,7 @@ class LRAnnealing(Balancer):
         else:
             hat = num / ((current * den if self._lambda_inside else den) + self.eps)
         # NaN != 0 is True: a non-finite gradient reaches the estimate and the base skips the update
-        return ops.where(self._free & (den != 0), hat, current), den
+        return ops.where(self._free & ops.nonzero(den), hat, current), den
 
     def _clip(self, w):
         """Bounds apply to the annealed weights only: the reference terms keep weight 1."""

@@ -218,7 +218,7 @@ class NTKWeighting(Balancer):
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
         norms = ops.row_norm(G).detach()
-        raw = ops.where(norms != 0, self.estimates(norms), ops.cast(self.lambdas, norms.dtype))
+        raw = ops.where(ops.nonzero(norms), self.estimates(norms), ops.cast(self.lambdas, norms.dtype))
         old = self.traces_buf
         new = ops.cast(norms, old.dtype)
         ops.assign_(ops.where(ops.all_finite(new), new, old), old)

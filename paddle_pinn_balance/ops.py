@@ -44,16 +44,22 @@ def abs(x: paddle.Tensor) -> paddle.Tensor:  # noqa: A001 (the operator's name)
     return _C.abs(x)
 
 
-_VECTORS: dict = {}
+_CONSTANTS: dict = {}
 
 
-def filled(n: int, value: float, like: paddle.Tensor) -> paddle.Tensor:
-    """A cached constant vector ``[value] * n`` in ``like``'s dtype and place."""
+def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
+    """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor) in ``like``'s dtype and place. Never
+    written to."""
     key = (n, value, like.dtype, str(like.place))
-    v = _VECTORS.get(key)
+    v = _CONSTANTS.get(key)
     if v is None:
-        v = _VECTORS[key] = paddle.full([n], value, dtype=like.dtype).to(like.place)
+        v = _CONSTANTS[key] = paddle.full([] if n is None else [n], value, dtype=like.dtype).to(like.place)
     return v
+
+
+def nonzero(x: paddle.Tensor) -> paddle.Tensor:
+    """``x != 0`` elementwise (NaN is nonzero)."""
+    return _C.not_equal(x, filled(None, 0.0, x))
 
 
 def row_sum(x: paddle.Tensor) -> paddle.Tensor:

@@ -77,6 +77,7 @@ def test_elementwise_ops():
     same(ops.maximum(x, y), paddle.maximum(x, y))
     same(ops.sign(x), paddle.sign(x))
     same(ops.isfinite(x), paddle.isfinite(x))
+    same(ops.nonzero(t([0.0, -1.0, NAN])), t([0.0, -1.0, NAN]) != 0)
     same(ops.scale(x, 2.0, 1.0), 2.0 * x + 1.0)
     same(ops.pow(paddle.abs(x), 1.5), paddle.pow(paddle.abs(x), 1.5))
     same(ops.lerp(x, y, t(0.25)), paddle.lerp(x, y, 0.25))
