@@ -175,16 +175,18 @@ def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Te
 
 def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
                            params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None,
-                           extra: Optional[tuple] = None) -> paddle.Tensor:
+                           extra: Optional[tuple] = None, views: Optional[list] = None) -> paddle.Tensor:
     """A scalar whose value is ``sum_i w_i L_i`` and whose ``backward()`` writes
     ``prior + c * sum_i w_i G[i]`` into the ``.grad`` of ``params``, ``c`` being the gradient the backward
     brings to the total: 1, a ``GradScaler``'s scale, ``1/n`` when the caller divides the total for gradient
     accumulation. ``prior``: the flat gradients the parameters held before (unscaled), or ``None``.
     ``extra``: ``(param, grad)``, one more gradient to add, as ``c * grad``, to ``param.grad``.
+    ``views``: :func:`ops.views_like` of ``params``, a buffer the caller keeps from step to step (made here
+    if ``None``).
 
     The total is ``value + a`` with ``a`` a fresh 0-d leaf of value 0; a hook on ``a`` receives ``c`` and
-    writes the gradients with four operations (a product, a sum with ``prior``, one buffer holding views
-    shaped like the parameters, one copy into it), where a graph through the parameters (as
+    writes the gradients with three operations (a product, a sum with ``prior``, a copy into ``views``) and
+    a copy per parameter (the ``.grad`` setter), where a graph through the parameters (as
     :func:`assembled_total` builds) costs a reshape and a backward node per parameter tensor. For the
     single-process path, whose ``.grad`` the per-term backward passes left empty; ``paddle.grad`` of the
     total with respect to the parameters is not defined (use ``assemble=False`` for that).
@@ -198,7 +200,6 @@ def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: pa
         flat = ops.multiply(g, ops.cast(c, g.dtype))
         if prior is not None:
             flat = flat + prior
-        views = ops.views_like(params)
         ops.assign_(flat, views[0])
         pairs = list(zip(params, views[1:]))
         if extra is not None:
@@ -209,6 +210,8 @@ def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: pa
             else:  # another backward wrote into .grad since the balancer's call: add to it
                 ops.add_(p.grad, v)
 
+    if views is None:
+        views = ops.views_like(params)
     anchor = paddle.zeros([], dtype=value.dtype)
     anchor.stop_gradient = False
     anchor.register_hook(write)
