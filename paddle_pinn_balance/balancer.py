@@ -114,7 +114,9 @@ class Balancer(paddle.nn.Layer):
             balancer's parameters). In one process the per-term gradients come from ``backward()``
             into ``.grad`` (gradients already there are kept and added back), which frees the losses'
             graph as a plain backward does: an update call consumes the losses, which cannot be
-            differentiated again. ``False``: return the plain weighted sum (a second backward).
+            differentiated again; the total's ``backward()`` writes the gradients from a hook (scaled
+            by whatever factor the caller puts on the total), so ``paddle.grad`` of the total is not
+            defined there. ``False``: return the plain weighted sum (a second backward).
         check_every: every this many update steps, read the device-side counts of terms whose gradient
             was non-finite or zero and warn naming them (one synchronisation; 0: only on
             :meth:`check_terms`).
@@ -207,8 +209,8 @@ class Balancer(paddle.nn.Layer):
             raise ValueError(f"`step` must be an integer or None; got {step!r}")
         self._host["calls"] += 1
         ops.increment_(self.num_calls)
-        self._before_call(values)
         update = step % self.update_freq == 0
+        self._before_call(values, update)
         if update:
             ops.increment_(self.num_updates)
         return self._total(values, update)
@@ -240,8 +242,8 @@ class Balancer(paddle.nn.Layer):
             values.append(v)
         return values
 
-    def _before_call(self, values: list) -> None:
-        """Hook run on every call before the update decision (GradNorm: renormalise, capture L(0))."""
+    def _before_call(self, values: list, update: bool) -> None:
+        """Hook run on every call before the weights are read (GradNorm: renormalise)."""
 
     def _total(self, values: list, update: bool) -> paddle.Tensor:
         if not update:

@@ -138,6 +138,7 @@ class GradNormBalancer(Balancer):
         # the last L_grad, for logging (not state: a checkpoint does not hold it)
         self.register_buffer("last_grad_norm_loss", paddle.zeros([], dtype=dtype), persistable=False)
         self._initial_complete = False  # host flag: every L_i(0) taken (read at check_terms, no extra sync)
+        self._host["renormalise"] = True  # the weights may have changed since the last renormalisation
         if loss_names is not None:
             self._set_names(loss_names)
 
@@ -158,6 +159,7 @@ class GradNormBalancer(Balancer):
 
     def _after_load(self):
         super()._after_load()
+        self._host["renormalise"] = True
         self._initial_complete = bool(self.has_initial_losses.numpy().all())
 
     def check_terms(self) -> dict:
@@ -204,8 +206,18 @@ class GradNormBalancer(Balancer):
         """This call's losses as one detached vector in the weights' dtype, averaged over ranks."""
         return mean_across_ranks(ops.cast(ops.stack([v.detach() for v in values]), self.initial_losses.dtype))
 
-    def _before_call(self, values):
-        self._renormalise()
+    def _before_call(self, values, update):
+        """Renormalise once after the weights may have changed (an update call, whose optimizer step
+        follows; a load). A call that does not update leaves the weights without a gradient (``None``, not
+        zeros), so the optimizer skips them: they keep their value between updates, as no L_grad was taken
+        (with zeros Adam's momentum would still move them)."""
+        if self._host["renormalise"]:
+            self._renormalise()
+            self._host["renormalise"] = False
+        if update:
+            self._host["renormalise"] = True
+        else:
+            self.loss_weights.clear_gradient(False)
 
     def weight_gradient(self, values, norms=None) -> tuple:
         """``(L_grad, dL_grad/dw)`` for this call's losses; both detached, no host synchronisation.
@@ -322,6 +334,7 @@ class GradNorm(paddle.nn.Layer):
         if not isinstance(net, paddle.nn.Layer):
             raise ValueError(f"`net` must be a paddle.nn.Layer; got {type(net).__name__}")
         self.net = net
+        object.__setattr__(self, "_net", net)  # a plain reference for forward (no Layer.__getattr__ per call)
         self.aggregator = GradNormBalancer(net, n_loss=n_loss, alpha=alpha, weight_attr=weight_attr,
                                            shared_params=shared_params, **kwargs)
         object.__setattr__(self.aggregator, "wrapper", self)  # plain reference, not a sublayer
@@ -331,7 +344,7 @@ class GradNorm(paddle.nn.Layer):
         return self.aggregator.loss_weights
 
     def forward(self, *args, **kwargs):
-        return self.net(*args, **kwargs)
+        return self._net(*args, **kwargs)
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:
         return self.aggregator.get_grad_norm_loss(losses)

@@ -79,6 +79,25 @@ def test_renormalisation_after_optimizer_steps():
     assert sum(wrapper.aggregator.weights.values()) == pytest.approx(3.0, rel=1e-6)
 
 
+def test_weights_keep_their_value_between_updates():
+    """update_freq 3 with Adam: between updates the weights get no gradient (None), so Adam's momentum
+    does not move them; every call uses weights summing to n_loss."""
+    wrapper = GradNorm(make_net(), n_loss=3, alpha=1.5, update_freq=3)
+    opt = paddle.optimizer.Adam(0.05, parameters=wrapper.parameters())
+    data = make_data()
+    for step in range(9):
+        before = wrapper.loss_weights.numpy().copy()
+        wrapper.aggregator(paddle_losses(wrapper, data), step).backward()
+        assert wrapper.loss_weights.numpy().sum() == pytest.approx(3.0, rel=1e-6)  # renormalised when used
+        if step % 3:
+            assert wrapper.loss_weights.grad is None
+            if step % 3 == 2:  # the call after the one after an update: nothing moved the weights
+                np.testing.assert_array_equal(wrapper.loss_weights.numpy(), before)
+        opt.step()
+        opt.clear_grad()
+    assert not np.allclose(wrapper.get_weights(), 1.0)
+
+
 @pytest.mark.parametrize("form", ["list", "dict", "tensor"])
 def test_get_grad_norm_loss_writes_weight_gradient(form):
     net = make_net()
