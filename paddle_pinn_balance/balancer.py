@@ -335,15 +335,20 @@ class Balancer(paddle.nn.Layer):
                                   "(with needs_gradients=True) or `_update`")
 
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
-        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any value is non-finite.
+        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, or any
+        term's gradient statistic, is non-finite.
 
-        ``scale``: the per-term gradient statistic, for the non-finite / zero-gradient bookkeeping.
+        ``scale``: the per-term gradient statistic (non-finite exactly when the term's gradient is; a term
+        whose estimate was replaced by its current weight still counts), also for the non-finite /
+        zero-gradient bookkeeping.
         """
         old = self.lambdas
         raw = ops.cast(raw.detach(), old.dtype)
         new = raw if self.momentum == 0.0 else ops.lerp(old, raw, self._constant(1.0 - self.momentum, old.dtype))
         new = self._clip(new)
-        ok = ops.all_finite(new)
+        # one test for both: a sum is non-finite when either addend is (an Inf gradient entry gives a
+        # finite estimate of 0 in max / (lambda * Inf), which must not be taken)
+        ok = ops.all_finite(new if scale is None else new + ops.cast(scale.detach(), new.dtype))
         if self._losses_finite is not None:
             ok = ok & self._losses_finite
         ops.assign_(ops.where(ok, new, old), old)

@@ -165,6 +165,35 @@ NASTY = [None, True, -1, 0, 3, 2.5, -0.5, float("nan"), float("inf"), "", "res",
          {}, {"bc": "x"}, {"bc": -1}, {"nope": 1.0}]
 
 
+LRA_VARIANTS = [dict(), dict(variant="arxiv"), dict(statistic="mean"), dict(statistic="norm"),
+                dict(reduction="layer_mean"), dict(reduction="layer_max_ratio", params="weights")]
+
+
+def _two_term(kind):
+    if kind == "ntk_grad_norm":
+        return lambda net: NTKWeighting(net, mode="grad_norm", update_freq=1, loss_names=["res", "bc"])
+    return lambda net: LRAnnealing(net, ref="res", update_freq=1, loss_names=["res", "bc"], **LRA_VARIANTS[kind])
+
+
+@pytest.mark.parametrize("kind", list(range(len(LRA_VARIANTS))) + ["ntk_grad_norm"],
+                         ids=[str(v) for v in LRA_VARIANTS] + ["ntk_grad_norm"])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("row", [0, 1])
+def test_one_non_finite_gradient_entry_skips_the_update(kind, bad, row):
+    """One Inf or NaN entry in either term's gradient (the reference's or another's) leaves every weight
+    as it was: max / (lambda * Inf) is a finite 0, which must not become a weight."""
+    paddle.seed(0)
+    net = make_net()
+    bal = _two_term(kind)(net)
+    n = sum(int(np.prod(p.shape)) for p in net.parameters())
+    G = np.random.default_rng(0).standard_normal((2, n)).astype("float32")
+    bal._update_from_gradients(None, paddle.to_tensor(G))
+    before = bal.weights
+    G[row, 3] = bad
+    bal._update_from_gradients(None, paddle.to_tensor(G))
+    assert bal.weights == before
+
+
 def test_config_fuzzing_raises_only_clear_value_errors():
     """Every key of every balancer with hostile values: it builds, or raises ValueError naming the key."""
     rng = np.random.default_rng(0)
