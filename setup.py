@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["paddle_pinn_balance", "paddle_pinn_balance.*"]),
     python_requires=">=3.9",
-    install_requires=["paddlepaddle>=2.6", "numpy", "pyyaml"],
+    install_requires=["paddlepaddle>=3.0", "numpy", "pyyaml"],
     extras_require={
         "test": ["pytest", "matplotlib"],
         "plot": ["matplotlib", "tqdm"],

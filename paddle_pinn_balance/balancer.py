@@ -194,7 +194,7 @@ class Balancer(paddle.nn.Layer):
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
         self.register_buffer("scale_min", paddle.full([k], np.inf, dtype="float32"), persistable=False)
-        self.register_buffer("scale_max", paddle.full([k], -np.inf, dtype="float32"), persistable=False)
+        self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype="float32"), persistable=False)
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -282,13 +282,15 @@ class Balancer(paddle.nn.Layer):
 
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:
         """Track, on the device, the per-term gradient statistic ``scale`` (non-finite exactly when the
-        term's gradient is, 0 exactly when it is zero) by its running min and max (NaN propagates); every
+        term's gradient is, 0 exactly when it is zero): its running minimum (zero seen?) and a running sum
+        of ``scale - scale`` (0, or NaN once a non-finite value was seen: IEEE addition keeps NaN, where
+        Paddle's ``minimum`` / ``maximum`` drop a NaN in one argument in some versions). Every
         ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
         gradient was non-finite or zero since the last check (their weights were kept)."""
-        low, high = self.scale_min, self.scale_max
+        low, bad = self.scale_min, self.scale_nonfinite
         scale = ops.cast(scale.detach(), low.dtype)
         ops.assign_(ops.minimum(low, scale), low)
-        ops.assign_(ops.maximum(high, scale), high)
+        ops.add_(bad, scale - scale)
         self._host["since_check"] += 1
         if self.check_every and self._host["since_check"] >= self.check_every:
             self.check_terms()
@@ -299,11 +301,11 @@ class Balancer(paddle.nn.Layer):
         self._host["since_check"] = 0
         if self._names is None or not hasattr(self, "scale_min"):
             return {}
-        low, high = self.scale_min.numpy(), self.scale_max.numpy()
+        low, bad = self.scale_min.numpy().copy(), self.scale_nonfinite.numpy().copy()  # numpy() may share memory
         self.scale_min.set_value(paddle.full_like(self.scale_min, np.inf))
-        self.scale_max.set_value(paddle.full_like(self.scale_max, -np.inf))
-        out = {n: (bool(np.isnan(lo) or not np.isfinite(hi)), bool(lo == 0.0))
-               for n, lo, hi in zip(self._names, low, high)}
+        self.scale_nonfinite.set_value(paddle.zeros_like(self.scale_nonfinite))
+        out = {n: (bool(np.isnan(lo) or not np.isfinite(b)), bool(lo == 0.0))
+               for n, lo, b in zip(self._names, low, bad)}
         nonfinite = [n for n, c in out.items() if c[0]]
         zero = [n for n, c in out.items() if c[1]]
         if nonfinite:

@@ -53,7 +53,7 @@ def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
     key = (n, value, like.dtype, str(like.place))
     v = _CONSTANTS.get(key)
     if v is None:
-        v = _CONSTANTS[key] = paddle.full([] if n is None else [n], value, dtype=like.dtype).to(like.place)
+        v = _CONSTANTS[key] = _C.full([] if n is None else [n], value, like.dtype, like.place)
     return v
 
 
@@ -100,11 +100,6 @@ def leading_columns(x: paddle.Tensor, n: int) -> paddle.Tensor:
 
 def reshape(x: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
     return _C.reshape(x, list(shape))
-
-
-def expand_as(x: paddle.Tensor, like: paddle.Tensor) -> paddle.Tensor:
-    """``x`` (0-d, or of ``like``'s rank) broadcast to ``like``'s shape."""
-    return _C.expand(x, like.shape)
 
 
 def scale(x: paddle.Tensor, factor: float, bias: float = 0.0) -> paddle.Tensor:

@@ -95,7 +95,6 @@ def test_where_expands_a_0d_condition():
     same(ops.where(t([True, False, True], "bool"), x, y), paddle.where(t([True, False, True], "bool"), x, y))
     same(ops.where(paddle.to_tensor(False), x, y), y)
     same(ops.where(paddle.to_tensor(True), x, y), x)
-    same(ops.expand_as(t(2.0), x), paddle.full([3], 2.0))
 
 
 def test_all_finite_slices_and_in_place_ops():
