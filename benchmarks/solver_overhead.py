@@ -11,16 +11,18 @@ residual ``u_xx + u_yy + u - q`` through ``ppsci.autodiff.hessian``), 128 fixed 
 Aggregators: ``ppsci.loss.mtl.Sum`` (the reference), ours (LRAnnealing, GradNorm = the wrapper as the
 solver's model and its aggregator as ``loss_aggregator``, NTKWeighting(mode="grad_norm"), all built with
 ``paddle_pinn_balance.ppsci.build_for_solver``) and PaddleScience's ``mtl.GradNorm`` / ``mtl.NTK``, at each
-update_freq. Every solver starts from the same weights and points. Each round runs one short epoch
-(``solver.train_epoch_func``, ``--iters`` steps) of every solver in turn, in an order that rotates from round
-to round; no eval, checkpoint or log line in the timed section.
+update_freq. Every solver starts from the same weights and points. Each round runs, for every method in an
+order that rotates from round to round, one short epoch (``solver.train_epoch_func``, ``--iters`` steps) of
+the plain solver and then one of the method's; no eval, checkpoint or log line in the timed section.
 
-Step times: a thin clock around the solver's ``loss_aggregator`` stamps every call, so every step is timed
-on its own (aggregator call to the next one; the last step of an epoch adds the epoch's lead-in). Steps
-where the weights update (``global_step % update_freq == 0``) and the others are kept apart, and the
-reported ms/step is amortised: ``median(other) + (median(update) - median(other)) / update_freq``
-(``median(all)`` at update_freq 1). The timed steps start at a multiple of every update_freq, so each window
-holds update steps (``n_upd`` of them in the JSON); with few of them (update_freq 100) that part is noisy.
+Step times: a thin clock around the solver's ``loss_aggregator`` stamps every call (CPU time of the process
+on a CPU, robust to other load on a shared machine; wall time on a GPU), so every step is timed on its own
+(aggregator call to the next one; the last step of an epoch adds the epoch's lead-in). Each step of the
+method is divided by the median plain step of the epoch just before it; steps where the weights update
+(``global_step % update_freq == 0``) and the others are kept apart, and the reported ratio is amortised:
+``(median update ratio + (update_freq - 1) * median other ratio) / update_freq``. The timed steps start at a
+multiple of every update_freq, so each window holds update steps (``n_upd``); with few of them
+(update_freq 100) that part is noisy.
 
     python benchmarks/solver_overhead.py                        # both setups, update_freq 1, 10, 100
     python benchmarks/solver_overhead.py --terms 5 --freqs 10 --rounds 9 --iters 40 --json out.json
@@ -120,8 +122,13 @@ class Clock:
         self.marks = []
 
     def __call__(self, losses, step=0):
-        self.marks.append((int(step), time.perf_counter()))
+        self.marks.append((int(step), _clock()))
         return self.agg(losses, step)
+
+
+def _clock():
+    """CPU time of this process on the CPU, wall time on a GPU."""
+    return time.perf_counter() if paddle.device.get_device().startswith("gpu") else time.process_time()
 
 
 class SolverRunner:
@@ -143,53 +150,58 @@ class SolverRunner:
         self.epoch = 1
         self.steps = []  # (global step, seconds) of the timed steps
 
-    def epoch_run(self, record=True):
+    def epoch_run(self):
+        """One epoch; returns [(global step, seconds)] of its steps."""
         s = self.solver
         self.clock.marks.clear()
-        t0 = time.perf_counter()
+        t0 = _clock()
         s.train_epoch_func(s, self.epoch, s.log_freq)
-        t1 = time.perf_counter()
+        t1 = _clock()
         s.train_output_info.clear()  # as solver.train() does after each epoch
         self.epoch += 1
         marks = self.clock.marks
-        if not record:
-            return
-        for (step, t), (_, t_next) in zip(marks, marks[1:]):
-            self.steps.append((step, t_next - t))
+        steps = [(step, t_next - t) for (step, t), (_, t_next) in zip(marks, marks[1:])]
         # the last step: from its aggregator call to the epoch's end, plus the data + forward of the epoch's start
-        self.steps.append((marks[-1][0], (t1 - marks[-1][1]) + (marks[0][1] - t0)))
-
-    def summary(self, iters):
-        durations = [d for _, d in self.steps]
-        upd = [d for st, d in self.steps if self.method != "plain" and st % self.freq == 0]
-        reg = [d for st, d in self.steps if self.method == "plain" or st % self.freq != 0]
-        rounds = [statistics.fmean(durations[i:i + iters]) for i in range(0, len(durations), iters)]
-        if not upd or not reg:  # plain, or update_freq 1
-            est = statistics.median(durations)
-        else:
-            est = statistics.median(reg) + (statistics.median(upd) - statistics.median(reg)) / self.freq
-        return dict(ms=est * 1e3, upd_ms=statistics.median(upd) * 1e3 if upd else None,
-                    reg_ms=statistics.median(reg) * 1e3 if reg else None, n_upd=len(upd), n_steps=len(durations),
-                    round_median_ms=statistics.median(rounds) * 1e3)
+        steps.append((marks[-1][0], (t1 - marks[-1][1]) + (marks[0][1] - t0)))
+        return steps
 
 
 def time_setup(terms, freqs, rounds, iters, warmup, out_root):
-    keys = [("plain", 1)] + [(m, f) for m in OURS + THEIRS for f in freqs]
+    """{(method, update_freq): summary} with the ratio to the plain solver's step."""
+    keys = [(m, f) for m in OURS + THEIRS for f in freqs]
     runners = {k: SolverRunner(k[0], k[1], terms, iters, os.path.join(out_root, f"{terms}_{k[0]}_{k[1]}"))
-               for k in keys}
+               for k in [("plain", 1)] + keys}
     lcm = math.lcm(*freqs) if freqs else 1
     for r in runners.values():  # warm-up: step 0 (the first update, which fixes names and state) and more
         r.solver.iters_per_epoch = warmup
-        r.epoch_run(record=False)
+        r.epoch_run()
         r.solver.iters_per_epoch = iters
         # timed steps start at a multiple of every update_freq (a jump forward, as after a resume)
         r.solver.global_step = -(-r.solver.global_step // lcm) * lcm
-    order = list(runners.values())
+    plain = runners[("plain", 1)]
+    upd = {k: [] for k in keys}
+    other = {k: [] for k in keys}
+    absolute = {k: ([], []) for k in keys}
+    plain_steps = []
     for i in range(rounds):  # interleaved; the order rotates each round (no method always runs first or last)
-        k = i * len(order) // rounds
-        for r in order[k:] + order[:k]:
-            r.epoch_run()
-    return {k: r.summary(iters) for k, r in runners.items()}
+        j = i * len(keys) // rounds
+        for k in keys[j:] + keys[:j]:
+            base = statistics.median(d for _, d in plain.epoch_run())
+            plain_steps.append(base)
+            for step, d in runners[k].epoch_run():
+                is_upd = step % k[1] == 0
+                (upd if is_upd else other)[k].append(d / base)
+                absolute[k][0 if is_upd else 1].append(d)
+    plain_ms = statistics.median(plain_steps) * 1e3
+    out = {("plain", 1): dict(ms=plain_ms, ratio=1.0, upd_ms=None, reg_ms=None, n_upd=0)}
+    for k in keys:
+        f = k[1]
+        ratio = statistics.median(upd[k]) if f == 1 or not other[k] else (
+            (statistics.median(upd[k]) + (f - 1) * statistics.median(other[k])) / f)
+        up, reg = absolute[k]
+        out[k] = dict(ms=ratio * plain_ms, ratio=ratio, upd_ms=statistics.median(up) * 1e3 if up else None,
+                      reg_ms=statistics.median(reg) * 1e3 if reg else None, n_upd=len(up))
+    return out
 
 
 def main(argv=None):
@@ -207,7 +219,8 @@ def main(argv=None):
     ppsci.utils.logger.init_logger("ppsci", None, "ERROR")  # the solvers' construction messages
     device = paddle.device.get_device()
     print(f"device {device}, paddle {paddle.__version__}, ppsci {getattr(ppsci, '__version__', '?')}, "
-          f"threads {os.environ['OMP_NUM_THREADS']}, {args.rounds} rounds x {args.iters} steps per solver, "
+          f"threads {os.environ['OMP_NUM_THREADS']}, {args.rounds} rounds x {args.iters} steps per solver "
+          "(each after as many plain steps), "
           f"{N_POINTS} points per term")
     results = []
     with tempfile.TemporaryDirectory() as out_root:
@@ -220,15 +233,16 @@ def main(argv=None):
             for (m, f), r in med.items():
                 ppsci_ratio = ""
                 if m in OURS:
-                    best = min(med[(pm, f)]["ms"] for pm in THEIRS)
-                    ppsci_ratio = f"{best / r['ms']:.2f}"
+                    best = min(med[(pm, f)]["ratio"] for pm in THEIRS)
+                    ppsci_ratio = f"{best / r['ratio']:.2f}"
                 upd = f"{r['upd_ms']:.2f}" if r["upd_ms"] is not None and r["reg_ms"] is not None else ""
                 other = f"{r['reg_ms']:.2f}" if r["reg_ms"] is not None and r["upd_ms"] is not None else ""
-                print(f"  {m:<16}{f:>12}{r['ms']:>10.2f}{r['ms'] / plain:>9.3f}{ppsci_ratio:>12}"
+                print(f"  {m:<16}{f:>12}{r['ms']:>10.2f}{r['ratio']:>9.3f}{ppsci_ratio:>12}"
                       f"{upd:>9}{other:>10}{r['n_upd'] if upd else '':>7}")
-                results.append(dict(terms=terms, method=m, update_freq=f, ratio=r["ms"] / plain, **r))
-    print("\nms/step: amortised median step time (update steps weighted 1/update_freq); upd ms / other ms: median "
-          "of the steps that update the weights / of the others (n_upd update steps timed)")
+                results.append(dict(terms=terms, method=m, update_freq=f, **r))
+    print("\nx plain: amortised ratio to the plain solver's step timed just before, (update + (freq - 1) x other) "
+          "/ freq of the median ratios; ms/step: that ratio times the median plain step; upd ms / other ms: "
+          "median of the steps that update the weights / of the others (n_upd update steps timed)")
     print("ppsci/ours: time of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
     if args.json:
         with open(args.json, "w") as f:

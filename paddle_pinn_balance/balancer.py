@@ -238,7 +238,7 @@ class Balancer(paddle.nn.Layer):
             if shape:
                 if int(np.prod(shape)) != 1:
                     raise ValueError(f"loss {n!r} must be a scalar; got shape {list(shape)}")
-                v = v.reshape([])
+                v = ops.reshape(v, [])
             values.append(v)
         return values
 
