@@ -282,22 +282,22 @@ def test_report_errors_give_one_line_and_exit_code_2(tmp_path, capsys):
     assert len(lines) == 3 and all(line.startswith("pinn-balance report: error:") for line in lines)
 
 
-def _benchmark_module(name):
-    import importlib.util
+def _run_benchmark(name, *args):
+    """Run benchmarks/<name>.py in a fresh interpreter (it sets thread counts and PaddleScience's logger)."""
+    import subprocess
     import sys
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # their shared `_threads` helper
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_step_overhead_benchmark_runs(tmp_path):
     """The cost benchmark end to end (a tiny run: the numbers themselves are not asserted)."""
     out = tmp_path / "step.json"
-    _benchmark_module("step_overhead").main(["--terms", "2", "--freqs", "1", "10", "--rounds", "2", "--block", "3",
-                                              "--no-ppsci", "--memory", "--json", str(out)])
+    _run_benchmark("step_overhead", "--terms", "2", "--freqs", "1", "10", "--rounds", "2", "--block", "3",
+                   "--no-ppsci", "--memory", "--json", str(out))
     rows = json.loads(out.read_text())["results"]
     assert {(r["method"], r["update_freq"]) for r in rows} == {
         (m, f) for m in ("lra", "gradnorm", "ntk_grad_norm") for f in (1, 10)}
@@ -307,8 +307,8 @@ def test_step_overhead_benchmark_runs(tmp_path):
 def test_solver_overhead_benchmark_runs(tmp_path):
     pytest.importorskip("ppsci")
     out = tmp_path / "solver.json"
-    _benchmark_module("solver_overhead").main(["--terms", "2", "--freqs", "1", "--rounds", "1", "--iters", "2",
-                                                "--warmup", "1", "--json", str(out)])
+    _run_benchmark("solver_overhead", "--terms", "2", "--freqs", "1", "--rounds", "1", "--iters", "2",
+                   "--warmup", "1", "--json", str(out))
     rows = json.loads(out.read_text())["results"]
     assert {r["method"] for r in rows} == {"plain", "lra", "gradnorm", "ntk_grad_norm", "ppsci_gradnorm", "ppsci_ntk"}
     assert all(r["ratio"] > 0 for r in rows)
