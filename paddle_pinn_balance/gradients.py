@@ -212,7 +212,7 @@ def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: pa
 
     if views is None:
         views = ops.views_like(params)
-    anchor = paddle.zeros([], dtype=value.dtype)
+    anchor = ops.fresh_zero(value)
     anchor.stop_gradient = False
     anchor.register_hook(write)
     return value + anchor

@@ -57,6 +57,11 @@ def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
     return v
 
 
+def fresh_zero(like: paddle.Tensor) -> paddle.Tensor:
+    """A new 0-d tensor of value 0 in ``like``'s dtype and place."""
+    return _C.full([], 0.0, like.dtype, like.place)
+
+
 def nonzero(x: paddle.Tensor) -> paddle.Tensor:
     """``x != 0`` elementwise (NaN is nonzero)."""
     return _C.not_equal(x, filled(None, 0.0, x))

@@ -110,6 +110,8 @@ def test_all_finite_slices_and_in_place_ops():
     dst = t([0.0, 0.0, 0.0])
     ops.assign_(x, dst)
     same(dst, x)
+    z = ops.fresh_zero(x)
+    assert z.shape == [] and z.dtype == x.dtype and float(z) == 0.0 and z is not ops.fresh_zero(x)
     counter = paddle.zeros([1], dtype="int64")
     ops.increment_(counter)
     ops.increment_(counter)
