@@ -80,8 +80,10 @@ class GradNormBalancer(Balancer):
       ``paddle.ParamAttr``); ones by default.
 
     Renormalisation :math:`\sum_i w_i = T` (Algorithm 1, after every optimizer step) is applied lazily, in
-    place, at the start of the next call (or of the next ``get_grad_norm_loss``); ``weights`` and
-    ``get_weights()`` report renormalised values. The optimizer needs no hook. (A loop that forms
+    place, at the start of the call after an update (or of the next ``get_grad_norm_loss``); ``weights`` and
+    ``get_weights()`` report renormalised values. The optimizer needs no hook. With ``update_freq > 1`` the
+    calls between updates leave the weights without a gradient (``None``), so the optimizer does not move
+    them (Adam's momentum would, on a zero gradient). (A loop that forms
     ``(loss_weights * losses).sum()`` itself, as in the community design, uses the weights of the last
     renormalisation plus one optimizer step for that sum; the aggregator call has no such lag.)
     Weights are first clipped to ``[min_weight, max_weight]`` (``min_weight`` defaults to ``eps``: a
