@@ -265,9 +265,11 @@ class Balancer(paddle.nn.Layer):
         extra = self._update_from_gradients(values, G)
         w = self._weight_vector()
         if self.assemble and single:  # the backward writes prior + sum_i w_i G[i] (and `extra`) into .grad
-            views = self.__dict__.get("_grad_views")  # a plain attribute: not a buffer, not saved
-            if views is None:
-                views = self.__dict__["_grad_views"] = ops.views_like(self._params)
+            key = (local.dtype, str(local.place))
+            cached = self.__dict__.get("_grad_views")  # a plain attribute: not a buffer, not saved
+            if cached is None or cached[0] != key:  # first update, or the model moved to another dtype / device
+                cached = self.__dict__["_grad_views"] = (key, ops.views_like(self._params))
+            views = cached[1]
             return gradient_writing_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior,
                                           extra=extra, views=views)
         if self.assemble:  # the local gradients, through the graph: a DataParallel model's hooks average them

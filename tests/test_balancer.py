@@ -294,3 +294,22 @@ def test_gradients_already_accumulated_are_kept(kind, scale):
         grads.append([p.grad.numpy().copy() for p in net.parameters()])
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_model_cast_to_float64_after_an_update_gets_float64_gradients():
+    """The buffer the gradient-writing hook keeps follows the model's dtype (and device)."""
+    grads = []
+    for assemble in (True, False):
+        net = make_net()
+        bal = LRAnnealing(net, ref="res", update_freq=1, assemble=assemble)
+        bal(losses_of(net, 0), 0).backward()
+        for p in net.parameters():
+            p.clear_gradient()
+        net.to(dtype="float64")
+        x = paddle.rand([5, 2], dtype="float64")
+        u = net(x)
+        bal({"res": (u ** 2).mean(), "bc": ((u - 1.0) ** 2).mean()}, 1).backward()
+        grads.append([p.grad.numpy() for p in net.parameters()])
+    for a, b in zip(*grads):
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
