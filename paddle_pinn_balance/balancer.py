@@ -348,7 +348,7 @@ class Balancer(paddle.nn.Layer):
         """
         old = self.lambdas
         raw = ops.cast(raw.detach(), old.dtype)
-        new = raw if self.momentum == 0.0 else ops.lerp(old, raw, self._constant(1.0 - self.momentum, old.dtype))
+        new = raw if self.momentum == 0.0 else ops.lerp(old, raw, ops.filled(None, 1.0 - self.momentum, old))
         new = self._clip(new)
         # one test for both: a sum is non-finite when either addend is (an Inf gradient entry gives a
         # finite estimate of 0 in max / (lambda * Inf), which must not be taken)
@@ -364,14 +364,6 @@ class Balancer(paddle.nn.Layer):
             return w
         return ops.clip(w, -math.inf if self.min_weight is None else self.min_weight,
                         math.inf if self.max_weight is None else self.max_weight)
-
-    def _constant(self, value: float, dtype) -> paddle.Tensor:
-        """A cached 0-d tensor holding ``value`` (an operand of the update's arithmetic)."""
-        key = (value, dtype)
-        cache = self.__dict__.setdefault("_constants", {})  # a plain dict: not registered as buffers
-        if key not in cache:
-            cache[key] = paddle.full([], value, dtype=dtype)
-        return cache[key]
 
     # ------------------------------------------------------------------ inspection (may synchronise)
 
