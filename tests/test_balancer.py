@@ -203,6 +203,16 @@ FAST_VS_PLAIN = {
 }
 
 
+# every LRA variant on top of the named set-ups: variant x statistic x params x reduction
+for _v in ("siam", "arxiv"):
+    for _s in ("max", "mean", "norm"):
+        for _p in ("all", "weights"):
+            for _r in ("flat", "layer_mean", "layer_max_ratio"):
+                FAST_VS_PLAIN[f"lra_{_v}_{_s}_{_p}_{_r}"] = (
+                    lambda net, a, v=_v, st=_s, pa=_p, r=_r: LRAnnealing(
+                        net, ref="res", variant=v, statistic=st, params=pa, reduction=r, update_freq=1, assemble=a))
+
+
 @pytest.mark.parametrize("kind", list(FAST_VS_PLAIN))
 def test_assembled_gradient_equals_second_backward(kind):
     """The fast path (total's backward reuses the per-term gradients) changes nothing numerically."""
