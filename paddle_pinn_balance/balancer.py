@@ -5,8 +5,8 @@ A balancer maps ``{name: scalar loss}`` and a step to the weighted total
 .. math:: L = \\sum_i \\lambda_i L_i .
 
 Methods differ only in how they turn per-term statistics into raw weight estimates
-(:meth:`Balancer._update_from_gradients`, from the stacked per-term gradients this module takes once, or
-:meth:`Balancer._update` for methods with statistics of their own); everything else lives here, written once:
+(``_update_from_gradients``, from the stacked per-term gradients this module takes once, or
+``_update`` for methods with statistics of their own); everything else lives here, written once:
 
 * names are fixed at construction (``loss_names=``) or at the first call and checked on every call;
 * on a call where ``step % update_freq == 0`` the weights are updated *first*, from this call's losses,
@@ -269,9 +269,8 @@ class Balancer(paddle.nn.Layer):
             cached = self.__dict__.get("_grad_views")  # a plain attribute: not a buffer, not saved
             if cached is None or cached[0] != key:  # first update, or the model moved to another dtype / device
                 cached = self.__dict__["_grad_views"] = (key, ops.views_like(self._params))
-            views = cached[1]
             return gradient_writing_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior,
-                                          extra=extra, views=views)
+                                          extra=extra, views=cached[1])
         if self.assemble:  # the local gradients, through the graph: a DataParallel model's hooks average them
             total = assembled_total(ops.stack([v.detach() for v in values]), w, local, self._params)
         else:
@@ -323,20 +322,22 @@ class Balancer(paddle.nn.Layer):
     needs_gradients = False
     _params: list = []
 
-    def _update(self, values: list) -> None:
-        """Compute raw estimates from this call's losses and store them with :meth:`_set_weights`
-        (methods that do not read per-term gradients)."""
-        raise NotImplementedError(f"{type(self).__name__} must override `_update_from_gradients` "
-                                  "(with needs_gradients=True) or `_update`")
+    # A method defines one of the two update hooks (checked when its class is created):
+    #
+    # * ``_update_from_gradients(values, G) -> Optional[(param, grad)]`` (with ``needs_gradients = True``):
+    #   update from the stacked per-term gradients ``G`` (``[K, len(flat self._params)]``); may return a
+    #   gradient the total's backward must also deliver to a parameter outside the net, scaled like the rest
+    #   (GradNorm: its weights' own gradient);
+    # * ``_update(values)``: update from statistics of its own (NTK traces).
+    #
+    # Both store raw estimates with :meth:`_set_weights`. A method with fixed weights overrides ``_total``.
+    _UPDATE_HOOKS = ("_update_from_gradients", "_update")
 
-    def _update_from_gradients(self, values: list, G: paddle.Tensor) -> Optional[tuple]:
-        """Update from the stacked per-term gradients ``G`` (``[K, len(flat self._params)]``).
-
-        May return ``(param, grad)``: a gradient the total's backward must also deliver to a parameter
-        outside the net (GradNorm: its weights' own gradient), scaled like the rest.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must override `_update_from_gradients` "
-                                  "(with needs_gradients=True) or `_update`")
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._total is Balancer._total and not any(hasattr(cls, h) for h in Balancer._UPDATE_HOOKS):
+            raise TypeError(f"{cls.__name__} must define `_update_from_gradients` (with needs_gradients=True) "
+                            "or `_update`, or override `_total`")
 
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
         """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, or any

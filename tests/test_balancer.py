@@ -323,3 +323,11 @@ def test_model_cast_to_float64_after_an_update_gets_float64_gradients():
     for a, b in zip(*grads):
         assert a.dtype == np.float64
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_method_without_an_update_hook_is_refused_when_defined():
+    from paddle_pinn_balance import Balancer
+
+    with pytest.raises(TypeError, match="_update_from_gradients"):
+        type("NoHook", (Balancer,), {})
+    type("OwnTotal", (Balancer,), {"_total": lambda self, values, update: None})  # fixed weights: fine
