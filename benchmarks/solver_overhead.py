@@ -39,13 +39,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _threads  # noqa: E402,F401  (sets OMP_NUM_THREADS etc. before paddle is imported)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import ppsci  # noqa: E402
+from _common import amortised_ratio, clock  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
 from ppsci.autodiff import hessian  # noqa: E402
 from ppsci.loss import mtl  # noqa: E402
 
@@ -122,13 +121,8 @@ class Clock:
         self.marks = []
 
     def __call__(self, losses, step=0):
-        self.marks.append((int(step), _clock()))
+        self.marks.append((int(step), clock()))
         return self.agg(losses, step)
-
-
-def _clock():
-    """CPU time of this process on the CPU, wall time on a GPU."""
-    return time.perf_counter() if paddle.device.get_device().startswith("gpu") else time.process_time()
 
 
 class SolverRunner:
@@ -154,9 +148,9 @@ class SolverRunner:
         """One epoch; returns [(global step, seconds)] of its steps."""
         s = self.solver
         self.clock.marks.clear()
-        t0 = _clock()
+        t0 = clock()
         s.train_epoch_func(s, self.epoch, s.log_freq)
-        t1 = _clock()
+        t1 = clock()
         s.train_output_info.clear()  # as solver.train() does after each epoch
         self.epoch += 1
         marks = self.clock.marks
@@ -196,8 +190,7 @@ def time_setup(terms, freqs, rounds, iters, warmup, out_root):
     out = {("plain", 1): dict(ms=plain_ms, ratio=1.0, upd_ms=None, reg_ms=None, n_upd=0)}
     for k in keys:
         f = k[1]
-        ratio = statistics.median(upd[k]) if f == 1 or not other[k] else (
-            (statistics.median(upd[k]) + (f - 1) * statistics.median(other[k])) / f)
+        ratio = amortised_ratio(upd[k], other[k], f)
         up, reg = absolute[k]
         out[k] = dict(ms=ratio * plain_ms, ratio=ratio, upd_ms=statistics.median(up) * 1e3 if up else None,
                       reg_ms=statistics.median(reg) * 1e3 if reg else None, n_upd=len(up))

@@ -20,12 +20,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _threads  # noqa: E402,F401  (sets OMP_NUM_THREADS etc. before paddle is imported)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
+from _common import amortised_ratio, clock  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from paddle_pinn_balance import GradNorm, LRAnnealing  # noqa: E402
@@ -122,7 +121,7 @@ class Runner:
             self.step = -(-self.step // self.freq) * self.freq
         out = []
         for _ in range(n):
-            t0 = _clock()
+            t0 = clock()
             total = self.agg(helmholtz_losses(self.model, self.pts, self.terms), self.step)
             total.backward()
             self.opt.step()
@@ -130,7 +129,7 @@ class Runner:
             if timed:
                 if gpu:
                     _ = float(total)  # a synchronisation per timed step, in every runner alike
-                out.append((_clock() - t0, self.step % self.freq == 0))
+                out.append((clock() - t0, self.step % self.freq == 0))
             self.step += 1
         _ = float(total)
         return out
@@ -141,12 +140,6 @@ def methods_available(with_ppsci):
     if with_ppsci:
         names += ["ppsci_gradnorm", "ppsci_ntk"]
     return names
-
-
-def _clock():
-    """CPU time of this process on the CPU (robust to other load on a shared machine), wall time on a GPU
-    (the blocks end with a synchronisation)."""
-    return time.perf_counter() if paddle.device.get_device().startswith("gpu") else time.process_time()
 
 
 def time_pair(method, freq, terms, rounds, block):
@@ -171,9 +164,7 @@ def time_pair(method, freq, terms, rounds, block):
         others = [t / p for t, u in steps[method] if not u]
         if others:
             other.append(statistics.median(others))
-    ratio = statistics.median(upd)
-    if freq > 1:
-        ratio = (ratio + (freq - 1) * statistics.median(other)) / freq
+    ratio = amortised_ratio(upd, other, freq)
     return ratio * statistics.median(plain), ratio, statistics.median(plain)
 
 
