@@ -262,17 +262,17 @@ class Balancer(paddle.nn.Layer):
         else:
             local = term_gradients(values, self._params, retain_graph=not self.assemble)
         G = local if single else mean_across_ranks(local)  # data-parallel: the gradient on all ranks' points
-        extra = self._update_from_gradients(values, G)
+        losses = ops.stack([v.detach() for v in values])
+        extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
         if self.assemble and single:  # the backward writes prior + sum_i w_i G[i] (and `extra`) into .grad
             key = (local.dtype, str(local.place))
             cached = self.__dict__.get("_grad_views")  # a plain attribute: not a buffer, not saved
             if cached is None or cached[0] != key:  # first update, or the model moved to another dtype / device
                 cached = self.__dict__["_grad_views"] = (key, ops.views_like(self._params))
-            return gradient_writing_total(ops.stack([v.detach() for v in values]), w, local, self._params, prior,
-                                          extra=extra, views=cached[1])
+            return gradient_writing_total(losses, w, local, self._params, prior, extra=extra, views=cached[1])
         if self.assemble:  # the local gradients, through the graph: a DataParallel model's hooks average them
-            total = assembled_total(ops.stack([v.detach() for v in values]), w, local, self._params)
+            total = assembled_total(losses, w, local, self._params)
         else:
             total = weighted_sum(ops.stack(values), w)
         if extra is not None:  # a term of value 0 whose backward gives `param` the gradient `grad`
@@ -324,8 +324,9 @@ class Balancer(paddle.nn.Layer):
 
     # A method defines one of the two update hooks (checked when its class is created):
     #
-    # * ``_update_from_gradients(values, G) -> Optional[(param, grad)]`` (with ``needs_gradients = True``):
-    #   update from the stacked per-term gradients ``G`` (``[K, len(flat self._params)]``); may return a
+    # * ``_update_from_gradients(losses, G) -> Optional[(param, grad)]`` (with ``needs_gradients = True``):
+    #   update from this call's losses (one detached vector) and the stacked per-term gradients ``G``
+    #   (``[K, len(flat self._params)]``); may return a
     #   gradient the total's backward must also deliver to a parameter outside the net, scaled like the rest
     #   (GradNorm: its weights' own gradient);
     # * ``_update(values)``: update from statistics of its own (NTK traces).

@@ -204,9 +204,9 @@ class GradNormBalancer(Balancer):
         ops.assign_(ops.where(take, current, self.initial_losses), self.initial_losses)
         ops.assign_(self.has_initial_losses | take, self.has_initial_losses)
 
-    def _current_losses(self, values) -> paddle.Tensor:
-        """This call's losses as one detached vector in the weights' dtype, averaged over ranks."""
-        return mean_across_ranks(ops.cast(ops.stack([v.detach() for v in values]), self.initial_losses.dtype))
+    def _current_losses(self, losses: paddle.Tensor) -> paddle.Tensor:
+        """This call's losses (one detached vector) in the weights' dtype, averaged over ranks."""
+        return mean_across_ranks(ops.cast(losses, self.initial_losses.dtype))
 
     def _before_call(self, values, update):
         """Renormalise once after the weights may have changed (an update call, whose optimizer step
@@ -228,7 +228,7 @@ class GradNormBalancer(Balancer):
         """
         if norms is None:
             norms = ops.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
-        return self._weight_gradient(self._current_losses(values), norms)
+        return self._weight_gradient(self._current_losses(ops.stack([v.detach() for v in values])), norms)
 
     def _weight_gradient(self, current, norms) -> tuple:
         # every input is detached: the arithmetic below builds no graph
@@ -249,8 +249,8 @@ class GradNormBalancer(Balancer):
 
     needs_gradients = True
 
-    def _update_from_gradients(self, values, G):
-        current = self._current_losses(values)
+    def _update_from_gradients(self, losses, G):
+        current = self._current_losses(losses)
         if not self._initial_complete:
             self._capture_initial(current)
         norms = ops.row_norm(ops.leading_columns(G, self._n_shared))
@@ -268,8 +268,10 @@ class GradNormBalancer(Balancer):
         """
         values = self._as_list(losses)
         self._renormalise()
-        self._capture_initial(self._current_losses(values))
-        l_grad, grad = self.weight_gradient(values)
+        current = self._current_losses(ops.stack([v.detach() for v in values]))
+        self._capture_initial(current)
+        norms = ops.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
+        l_grad, grad = self._weight_gradient(current, norms)
         if self.loss_weights.grad is None:
             self.loss_weights.grad = grad.astype(self.loss_weights.dtype)
         else:

@@ -195,5 +195,5 @@ class LRAnnealing(Balancer):
 
     needs_gradients = True
 
-    def _update_from_gradients(self, values, G):
+    def _update_from_gradients(self, losses, G):
         self._set_weights(*self.estimates(ops.leading_columns(G, self._n_stat), self.lambdas))

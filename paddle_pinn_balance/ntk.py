@@ -213,7 +213,7 @@ class NTKWeighting(Balancer):
         sums, counts = sum_across_ranks(paddle.stack(out)).unbind(axis=1)  # data-parallel: the union's points
         return sums if self.reduction == "sum" else sums / counts
 
-    def _update_from_gradients(self, values, G):
+    def _update_from_gradients(self, losses, G):
         """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
