@@ -116,6 +116,48 @@ class Problem(abc.ABC):
         return relative_l2(self.exact(x), self.predict(model, x))
 
 
+class SpaceTimeSquare(Problem):
+    """What the 1-D space-time problems on :math:`(x, t) \\in [0, 1]^2` share: a network ``layers`` of two
+    inputs and one output, ``batch_size`` fresh points per term, a ``test_n x test_n`` test grid, the
+    collocation / initial / edge draws and the second derivatives of the residual."""
+
+    axis_labels = ("x", "t")
+
+    def __init__(self, layers, batch_size: int, test_n: int):
+        if int(batch_size) < 1 or int(test_n) < 2:
+            raise ValueError(f"`batch_size` must be >= 1 and `test_n` >= 2; got {batch_size}, {test_n}")
+        self.layers = tuple(int(n) for n in layers)
+        if self.layers[0] != 2 or self.layers[-1] != 1:
+            raise ValueError(f"`layers` must start with 2 inputs and end with 1 output; got {list(layers)}")
+        self.batch_size, self.test_n = int(batch_size), int(test_n)
+        self.grid_shape = (self.test_n, self.test_n)
+
+    def draw(self, rng: np.random.Generator) -> tuple:
+        """``(x_res [n, 2], x_ic [n, 2] at t = 0, x_edges [2n, 2] at x = 0 then x = 1)``, uniform."""
+        n = self.batch_size
+        x_res = rng.uniform(0.0, 1.0, size=(n, 2))
+        x_ic = np.stack([rng.uniform(0.0, 1.0, n), np.zeros(n)], axis=1)
+        t = rng.uniform(0.0, 1.0, size=(2, n))
+        x_edges = np.concatenate([np.stack([np.zeros(n), t[0]], axis=1), np.stack([np.ones(n), t[1]], axis=1)])
+        return x_res, x_ic, x_edges
+
+    @staticmethod
+    def second_derivatives(model, x: paddle.Tensor) -> tuple:
+        """``(u, u_xx, u_tt)`` of ``model`` at the points ``x`` (a graph for the backward through them)."""
+        x = x.detach()
+        x.stop_gradient = False
+        u = model(x)
+        du = paddle.grad(u.sum(), x, create_graph=True)[0]
+        u_xx = paddle.grad(du[:, 0:1].sum(), x, create_graph=True)[0][:, 0:1]
+        u_tt = paddle.grad(du[:, 1:2].sum(), x, create_graph=True)[0][:, 1:2]
+        return u, u_xx, u_tt
+
+    def test_grid(self) -> np.ndarray:
+        s = np.linspace(0.0, 1.0, self.test_n)
+        xx, tt = np.meshgrid(s, s)
+        return np.stack([xx.ravel(), tt.ravel()], axis=1)
+
+
 def relative_l2(u: np.ndarray, u_hat: np.ndarray) -> float:
     """:math:`\\|u - \\hat u\\|_2 / \\|u\\|_2`."""
     u = np.asarray(u, dtype=np.float64).ravel()

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import paddle
 
-from . import MLP, Problem
+from . import MLP, SpaceTimeSquare
 
 
-class KleinGordon1D(Problem):
+class KleinGordon1D(SpaceTimeSquare):
     r"""Nonlinear Klein-Gordon equation in one space dimension.
 
     .. math::
@@ -50,16 +50,8 @@ class KleinGordon1D(Problem):
 
     name = "Klein-Gordon 1D"
     loss_names = ("res", "ics", "bcs")
-    axis_labels = ("x", "t")
-
     def __init__(self, layers=(2, 50, 50, 50, 50, 50, 1), batch_size: int = 128, test_n: int = 100):
-        if int(batch_size) < 1 or int(test_n) < 2:
-            raise ValueError(f"`batch_size` must be >= 1 and `test_n` >= 2; got {batch_size}, {test_n}")
-        self.layers = tuple(int(n) for n in layers)
-        if self.layers[0] != 2 or self.layers[-1] != 1:
-            raise ValueError(f"`layers` must start with 2 inputs and end with 1 output; got {list(layers)}")
-        self.batch_size, self.test_n = int(batch_size), int(test_n)
-        self.grid_shape = (self.test_n, self.test_n)
+        super().__init__(layers, batch_size, test_n)
 
     def exact(self, x: np.ndarray) -> np.ndarray:
         """:math:`u = x\\cos(5\\pi t) + (xt)^3` at ``(x, t)`` rows."""
@@ -81,22 +73,13 @@ class KleinGordon1D(Problem):
 
     def sample(self, rng: np.random.Generator) -> dict:
         """``x_res`` ``[n, 2]``, ``x_ic`` ``[n, 2]`` (t = 0), ``x_bc`` ``[2n, 2]`` (x = 0 then x = 1), data."""
-        n = self.batch_size
-        x_res = rng.uniform(0.0, 1.0, size=(n, 2))
-        x_ic = np.stack([rng.uniform(0.0, 1.0, n), np.zeros(n)], axis=1)
-        t = rng.uniform(0.0, 1.0, size=(2, n))
-        x_bc = np.concatenate([np.stack([np.zeros(n), t[0]], axis=1), np.stack([np.ones(n), t[1]], axis=1)])
+        x_res, x_ic, x_bc = self.draw(rng)
         f32 = lambda a: paddle.to_tensor(a, dtype="float32")  # noqa: E731
         return {"x_res": f32(x_res), "f": f32(self.forcing(x_res)), "x_ic": f32(x_ic), "u_ic": f32(x_ic[:, 0:1]),
                 "x_bc": f32(x_bc), "u_bc": f32(self.exact(x_bc))}
 
     def losses(self, model, batch: dict) -> dict:
-        x = batch["x_res"].detach()
-        x.stop_gradient = False
-        u = model(x)
-        du = paddle.grad(u.sum(), x, create_graph=True)[0]
-        u_xx = paddle.grad(du[:, 0:1].sum(), x, create_graph=True)[0][:, 0:1]
-        u_tt = paddle.grad(du[:, 1:2].sum(), x, create_graph=True)[0][:, 1:2]
+        u, u_xx, u_tt = self.second_derivatives(model, batch["x_res"])
         residual = u_tt - u_xx + u ** 3 - batch["f"]
         xi = batch["x_ic"].detach()
         xi.stop_gradient = False
@@ -105,8 +88,3 @@ class KleinGordon1D(Problem):
         ics = ((u0 - batch["u_ic"]) ** 2).mean() + (u0_t ** 2).mean()
         bcs = ((model(batch["x_bc"]) - batch["u_bc"]) ** 2).reshape([2, -1]).mean(axis=1).sum()
         return {"res": (residual ** 2).mean(), "ics": ics, "bcs": bcs}
-
-    def test_grid(self) -> np.ndarray:
-        s = np.linspace(0.0, 1.0, self.test_n)
-        xx, tt = np.meshgrid(s, s)
-        return np.stack([xx.ravel(), tt.ravel()], axis=1)

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import paddle
 
-from . import Problem
+from . import SpaceTimeSquare
 from .nets import sequential_mlp
 
 
-class Wave1D(Problem):
+class Wave1D(SpaceTimeSquare):
     r"""One-dimensional wave equation with a multi-scale exact solution.
 
     .. math::
@@ -52,18 +52,10 @@ class Wave1D(Problem):
 
     name = "Wave 1D"
     loss_names = ("u", "ut", "res")
-    axis_labels = ("x", "t")
-
     def __init__(self, c: float = 2.0, a: float = 4.0, layers=(2, 500, 500, 500, 1), batch_size: int = 300,
                  test_n: int = 100):
-        if int(batch_size) < 1 or int(test_n) < 2:
-            raise ValueError(f"`batch_size` must be >= 1 and `test_n` >= 2; got {batch_size}, {test_n}")
-        self.layers = tuple(int(n) for n in layers)
-        if self.layers[0] != 2 or self.layers[-1] != 1:
-            raise ValueError(f"`layers` must start with 2 inputs and end with 1 output; got {list(layers)}")
+        super().__init__(layers, batch_size, test_n)
         self.c, self.a = float(c), float(a)
-        self.batch_size, self.test_n = int(batch_size), int(test_n)
-        self.grid_shape = (self.test_n, self.test_n)
 
     def exact(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -77,11 +69,8 @@ class Wave1D(Problem):
 
     def sample(self, rng: np.random.Generator) -> dict:
         """``x_res`` ``[n, 2]``; ``x_u`` ``[3n, 2]`` (t = 0, x = 0, x = 1) with data ``u_u``; ``x_ic`` ``[n, 2]``."""
-        n = self.batch_size
-        x_res = rng.uniform(0.0, 1.0, size=(n, 2))
-        x_ic = np.stack([rng.uniform(0.0, 1.0, n), np.zeros(n)], axis=1)
-        t = rng.uniform(0.0, 1.0, size=(2, n))
-        x_u = np.concatenate([x_ic, np.stack([np.zeros(n), t[0]], axis=1), np.stack([np.ones(n), t[1]], axis=1)])
+        x_res, x_ic, x_edges = self.draw(rng)
+        x_u = np.concatenate([x_ic, x_edges])
         f32 = lambda a: paddle.to_tensor(a, dtype="float32")  # noqa: E731
         return {"x_res": f32(x_res), "x_u": f32(x_u), "u_u": f32(self.exact(x_u)), "x_ic": f32(x_ic)}
 
@@ -94,11 +83,7 @@ class Wave1D(Problem):
         return paddle.grad(model(x).sum(), x, create_graph=True)[0][:, 1:2]
 
     def _residual(self, model, batch):
-        x = batch["x_res"].detach()
-        x.stop_gradient = False
-        du = paddle.grad(model(x).sum(), x, create_graph=True)[0]
-        u_xx = paddle.grad(du[:, 0:1].sum(), x, create_graph=True)[0][:, 0:1]
-        u_tt = paddle.grad(du[:, 1:2].sum(), x, create_graph=True)[0][:, 1:2]
+        _, u_xx, u_tt = self.second_derivatives(model, batch["x_res"])
         return u_tt - self.c ** 2 * u_xx
 
     def losses(self, model, batch: dict) -> dict:
@@ -111,7 +96,3 @@ class Wave1D(Problem):
         return {"u": lambda m: m(batch["x_u"]), "ut": lambda m: self._velocity(m, batch),
                 "res": lambda m: self._residual(m, batch)}
 
-    def test_grid(self) -> np.ndarray:
-        s = np.linspace(0.0, 1.0, self.test_n)
-        xx, tt = np.meshgrid(s, s)
-        return np.stack([xx.ravel(), tt.ravel()], axis=1)
