@@ -33,10 +33,10 @@ import paddle
 from . import ops
 from .gradients import (
     assembled_total,
-    gradient_writing_total,
     mean_across_ranks,
     term_gradients,
     term_gradients_by_backward,
+    trainable_parameters,
     world_size,
 )
 
@@ -109,14 +109,14 @@ class Balancer(paddle.nn.Layer):
         min_weight, max_weight: optional bounds applied after smoothing.
         eps: added to denominators of the statistics.
         assemble: on update steps of methods that read per-term gradients, return a total whose
-            backward writes the already computed ``sum_i lambda_i dL_i/dtheta`` into the parameters
-            (no second backward; every trainable tensor the losses depend on must then be among the
-            balancer's parameters). In one process the per-term gradients come from ``backward()``
-            into ``.grad`` (gradients already there are kept and added back), which frees the losses'
-            graph as a plain backward does: an update call consumes the losses, which cannot be
-            differentiated again; the total's ``backward()`` writes the gradients from a hook (scaled
-            by whatever factor the caller puts on the total), so ``paddle.grad`` of the total is not
-            defined there. ``False``: return the plain weighted sum (a second backward).
+            gradient is the already computed ``sum_i lambda_i dL_i/dtheta`` (no second backward). It is an
+            ordinary differentiable tensor (``backward()``, ``paddle.grad``, a factor on it, a
+            ``clear_grad()`` before its backward, ``DataParallel`` all behave as with the plain sum), but
+            the per-term gradients are taken in the call and free the losses' graph: an update call
+            consumes the losses, which cannot be differentiated again (differentiate the total). Every
+            trainable tensor the losses depend on must be among the balancer's parameters (the model's,
+            or given to :meth:`add_parameters`). ``False``: keep the graph and return the plain weighted
+            sum (a second backward).
         check_every: every this many update steps, read the device-side counts of terms whose gradient
             was non-finite or zero and warn naming them (one synchronisation; 0: only on
             :meth:`check_terms`).
@@ -202,16 +202,40 @@ class Balancer(paddle.nn.Layer):
     # ------------------------------------------------------------------ the call
 
     def forward(self, losses: Mapping[str, paddle.Tensor], step: Optional[int] = None) -> paddle.Tensor:
+        """The weighted total of this call's losses; on an update step the weights are updated first.
+
+        One step, as the code runs it:
+
+        1. the names and shapes are checked (``ValueError`` naming the key);
+        2. the step is an *update step* when ``step % update_freq == 0`` and no earlier call had this
+           ``step`` (an L-BFGS closure calls several times per step: only the first call updates);
+        3. not an update step: the total is ``sum_i lambda_i L_i`` through the losses' graph (weights
+           detached);
+        4. an update step of a method with statistics of its own (NTK traces, loss-only methods): the
+           statistics, then the new weights, then step 3's total with them;
+        5. an update step of a method that reads per-term gradients: ``G[i] = dL_i/dtheta`` is taken once
+           (one backward per term, together the cost of one backward of the sum; averaged over
+           data-parallel ranks), the method turns ``G`` and the losses into weights, and the total is
+           :func:`~paddle_pinn_balance.gradients.assembled_total`: value ``sum_i lambda_i L_i``, gradient
+           the method's direction (``lambda^T G`` by default) for every parameter, delivered by autograd
+           itself when the caller differentiates the total. With ``assemble=False`` the losses' graph is
+           kept and step 3's total is returned instead (a second backward).
+
+        Either way the caller gets an ordinary differentiable tensor: ``backward()`` (clear before or after,
+        accumulated, scaled), ``paddle.grad`` and ``DataParallel`` see exactly its gradient.
+        """
         values = self._validate(losses)
         if step is None:
             step = self._host["calls"]
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise ValueError(f"`step` must be an integer or None; got {step!r}")
+        step = int(step)
         self._host["calls"] += 1
         ops.increment_(self.num_calls)
-        update = step % self.update_freq == 0
+        update = step % self.update_freq == 0 and step != self._host.get("last_update_step")
         self._before_call(values, update)
         if update:
+            self._host["last_update_step"] = step
             ops.increment_(self.num_updates)
         return self._total(values, update)
 
@@ -250,36 +274,59 @@ class Balancer(paddle.nn.Layer):
             return weighted_sum(ops.stack(values), self._weight_vector())
         if not self.needs_gradients:
             stacked = ops.stack(values)
-            # an overflowing (or NaN) loss skips this update whatever the kernels' statistics say
+            # an overflowing (or NaN) loss skips this update whatever the method's statistics say
             self._losses_finite = ops.all_finite(stacked.detach())
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
-        # per-term gradients once; with `assemble` the total's backward reuses them (no second backward)
-        prior = None
-        single = world_size() == 1
-        if self.assemble and single:
-            local, prior = term_gradients_by_backward(values, self._params)
+        params = self._params
+        if not self.assemble:
+            G = term_gradients(values, params, retain_graph=True)
+        elif world_size() == 1:
+            G = term_gradients_by_backward(values, params)
         else:
-            local = term_gradients(values, self._params, retain_graph=not self.assemble)
-        G = local if single else mean_across_ranks(local)  # data-parallel: the gradient on all ranks' points
+            G = term_gradients(values, params, retain_graph=False)
+        G = mean_across_ranks(G)  # data-parallel: the gradient on all ranks' points, identical on every rank
         losses = ops.stack([v.detach() for v in values])
         extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
-        if self.assemble and single:  # the backward writes prior + sum_i w_i G[i] (and `extra`) into .grad
-            key = (local.dtype, str(local.place))
-            cached = self.__dict__.get("_grad_views")  # a plain attribute: not a buffer, not saved
-            if cached is None or cached[0] != key:  # first update, or the model moved to another dtype / device
-                cached = self.__dict__["_grad_views"] = (key, ops.views_like(self._params))
-            return gradient_writing_total(losses, w, local, self._params, prior, extra=extra, views=cached[1])
-        if self.assemble:  # the local gradients, through the graph: a DataParallel model's hooks average them
-            total = assembled_total(losses, w, local, self._params)
-        else:
+        if not self.assemble:
             total = weighted_sum(ops.stack(values), w)
-        if extra is not None:  # a term of value 0 whose backward gives `param` the gradient `grad`
-            param, grad = extra
-            s = ops.dot(param, grad)
-            total = total + ops.cast(s - s.detach(), total.dtype)
-        return total
+            if extra is not None:  # a term of value 0 whose gradient with respect to `param` is `grad`
+                param, grad = extra
+                s = ops.dot(param, ops.cast(grad, param.dtype))
+                total = total + ops.cast(s - s.detach(), total.dtype)
+            return total
+        g = self._direction(G, w)
+        leaves = params
+        if extra is not None:
+            leaves = list(params) + [extra[0]]
+            g = ops.flatten_cat([g, ops.cast(extra[1], g.dtype)])
+        # every rank delivers the same (rank-averaged) gradient; DataParallel's reducer averages it again
+        return assembled_total(losses, w, g, leaves)
+
+    def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
+        """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
+
+        Gradient-surgery methods override it with their own combination of the rows of ``G``."""
+        return ops.matmul(ops.cast(w.detach(), G.dtype), G)
+
+    def add_parameters(self, params) -> None:
+        """Trainable tensors outside the model that the losses depend on (self-adaptive point weights, a
+        learnable PDE coefficient): the update step's total delivers their gradient too (without them,
+        the per-term backward passes would leave their ``.grad`` unweighted), and the statistics ignore
+        them (they are the last columns of ``G``). Call before the first update step."""
+        if not self.needs_gradients:
+            return  # the total goes through the losses' graph: every leaf gets its gradient from autograd
+        extra = trainable_parameters(params)
+        ids = {id(p) for p in self._params}
+        if "_n_model" not in self.__dict__:
+            self._n_model = sum(int(np.prod(p.shape)) for p in self._params)
+        self._params = list(self._params) + [p for p in extra if id(p) not in ids]
+
+    def _model_columns(self, G: paddle.Tensor) -> paddle.Tensor:
+        """The columns of ``G`` that belong to the model (all but those of :meth:`add_parameters`)."""
+        n = self.__dict__.get("_n_model")
+        return G if n is None else ops.leading_columns(G, n)
 
     def _record_bad_terms(self, scale: paddle.Tensor) -> None:
         """Track, on the device, the per-term gradient statistic ``scale`` (non-finite exactly when the

@@ -113,26 +113,21 @@ def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tens
     return ops.stack(rows[::-1])
 
 
-def _flat_param_grads(params: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    grads = [p.grad for p in params]
-    return ops.flatten_copy([paddle.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
-
-
-def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> tuple:
+def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """Per-term gradients as :func:`term_gradients`, from ``backward()`` into ``.grad`` instead of
     ``paddle.grad``: in PaddlePaddle a backward frees the graph's saved tensors as it goes and costs less
     than a partial ``paddle.grad``, so the step's peak memory and time stay those of a plain backward.
 
-    Returns ``(G, prior)``: ``prior`` is what ``.grad`` held before (flat, or ``None`` if nothing), taken
-    out so that each row is exactly one term's gradient; every ``.grad`` is left empty, for the
-    assembled total to write ``prior + sum_i w_i G[i]``. The graph is freed (the first term, usually the
-    residual with the largest graph, goes last and frees as it goes). Single process only: under data
-    parallelism each backward would trigger the gradient all-reduce.
+    ``.grad`` is left as it was found: what it held before (gradient accumulation, zeros after
+    ``clear_grad()``) is copied out in one operation, each term's gradient is read alone, and the copy is
+    written back; a parameter that had no gradient has none again. The graph is freed (the first term,
+    usually the residual with the largest graph, goes last and frees as it goes). Single process only:
+    under data parallelism each backward would trigger the gradient all-reduce.
     """
+    had = [p.grad is not None for p in params]
     prior = None
-    if any(p.grad is not None for p in params):
-        prior = _flat_param_grads(params)
-        prior.stop_gradient = True
+    if any(had):
+        prior = ops.flatten_copy_views([p.grad if h else paddle.zeros_like(p) for p, h in zip(params, had)])
         _clear(params)
     rows = []  # terms K-1 .. 1, each copied out flat
     for i in reversed(range(len(values))):
@@ -147,9 +142,18 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
             _clear(params)
     # term 0 last: its gradients and the rows above in one copy, which is the stacked matrix
     G = ops.reshape(ops.flatten_copy(grads + rows[::-1]), [len(values), -1])
-    _clear(params)
+    if prior is None:
+        _clear(params)
+    else:  # put back what .grad held (in place where term 0 left a gradient, else through the setter's copy)
+        for p, h, v in zip(params, had, prior[1:]):
+            if not h:
+                p.clear_gradient(False)
+            elif p.grad is None:
+                p.grad = v
+            else:
+                ops.assign_(v, p.grad)
     G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
-    return G, prior
+    return G
 
 
 def _clear(params: Sequence[paddle.Tensor]) -> None:
@@ -157,65 +161,49 @@ def _clear(params: Sequence[paddle.Tensor]) -> None:
         p.clear_gradient(False)
 
 
-def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
-                    params: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    """A scalar whose value is ``sum_i w_i L_i`` and whose backward adds ``sum_i w_i G[i]`` to the gradients
-    of ``params`` through the autograd graph (so that a ``DataParallel`` model's hooks see it).
+class _AssembledTotal(paddle.autograd.PyLayer):
+    """``forward(value, g, *leaves) = value``; ``backward(c) = (None, None, c * g`` split like ``leaves)``.
 
-    ``stacked``: the losses as one detached vector. ``s = theta . g`` with ``g = w^T G`` held constant;
-    ``value + (s - s.detach())`` adds exactly zero to the value, and its backward is ``d s / d theta = g``:
-    no second backward through the losses' graph.
+    ``g`` is the flat gradient the total stands for (detached). The leaves are ordinary autograd inputs,
+    so the engine accumulates the returned gradients into their ``.grad`` at backward time, returns them
+    from ``paddle.grad``, and runs every hook registered on them (``DataParallel``'s reducer included).
     """
-    w = weights.detach()
-    value = ops.dot(stacked, ops.cast(w, stacked.dtype))
-    g = ops.matmul(ops.cast(w, G.dtype), G)
-    s = ops.dot(ops.flatten_cat(params), g)
-    return value + ops.cast(s - s.detach(), value.dtype)
 
+    @staticmethod
+    def forward(ctx, value, g, *leaves):
+        ctx.g = g
+        ctx.leaves = leaves
+        return ops.scale(value, 1.0)
 
-def gradient_writing_total(stacked: paddle.Tensor, weights: paddle.Tensor, G: paddle.Tensor,
-                           params: Sequence[paddle.Tensor], prior: Optional[paddle.Tensor] = None,
-                           extra: Optional[tuple] = None, views: Optional[list] = None) -> paddle.Tensor:
-    """A scalar whose value is ``sum_i w_i L_i`` and whose ``backward()`` writes
-    ``prior + c * sum_i w_i G[i]`` into the ``.grad`` of ``params``, ``c`` being the gradient the backward
-    brings to the total: 1, a ``GradScaler``'s scale, ``1/n`` when the caller divides the total for gradient
-    accumulation. ``prior``: the flat gradients the parameters held before (unscaled), or ``None``.
-    ``extra``: ``(param, grad)``, one more gradient to add, as ``c * grad``, to ``param.grad``.
-    ``views``: :func:`ops.views_like` of ``params``, a buffer the caller keeps from step to step (made here
-    if ``None``).
-
-    The total is ``value + a`` with ``a`` a fresh 0-d leaf of value 0; a hook on ``a`` receives ``c`` and
-    writes the gradients with three operations (a product, a sum with ``prior``, a copy into ``views``) and
-    a copy per parameter (the ``.grad`` setter), where a graph through the parameters (as
-    :func:`assembled_total` builds) costs a reshape and a backward node per parameter tensor. For the
-    single-process path, whose ``.grad`` the per-term backward passes left empty; ``paddle.grad`` of the
-    total with respect to the parameters is not defined (use ``assemble=False`` for that).
-    """
-    w = weights.detach()
-    value = ops.dot(stacked, ops.cast(w, stacked.dtype))
-    g = ops.matmul(ops.cast(w, G.dtype), G)
-
-    def write(c):
-        c = c.detach()
+    @staticmethod
+    def backward(ctx, c):
+        g = ctx.g
         flat = ops.multiply(g, ops.cast(c, g.dtype))
-        if prior is not None:
-            flat = flat + prior
-        ops.assign_(flat, views[0])
-        pairs = list(zip(params, views[1:]))
-        if extra is not None:
-            pairs.append((extra[0], ops.multiply(extra[1], ops.cast(c, extra[1].dtype))))
-        for p, v in pairs:
-            if p.grad is None:
-                p.grad = v  # the setter copies
-            else:  # another backward wrote into .grad since the balancer's call: add to it
-                ops.add_(p.grad, v)
+        leaves = ctx.leaves
+        if all(p.dtype == g.dtype for p in leaves):  # one fresh buffer with a view per leaf (one operation)
+            views = ops.views_like(leaves)
+            ops.assign_(flat, views[0])
+            parts = views[1:]
+        else:  # leaves of several dtypes (an added parameter in float64 beside a float32 net)
+            sizes = [int(np.prod(p.shape)) for p in leaves]
+            parts = [ops.cast(ops.reshape(x, p.shape), p.dtype) for x, p in zip(paddle.split(flat, sizes), leaves)]
+        return (None, None) + tuple(parts)
 
-    if views is None:
-        views = ops.views_like(params)
-    anchor = ops.fresh_zero(value)
-    anchor.stop_gradient = False
-    anchor.register_hook(write)
-    return value + anchor
+
+def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, g: paddle.Tensor,
+                    leaves: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    """A scalar whose value is ``sum_i w_i L_i`` and whose gradient with respect to ``leaves`` is ``g``.
+
+    ``stacked``: the losses as one detached vector; ``g``: the flat gradient (``w^T G``, or a method's own
+    direction, followed by any extra leaf's gradient), detached. The total is an ordinary differentiable
+    tensor to its caller: ``total.backward()`` adds ``c * g`` to whatever ``.grad`` holds at that time
+    (``c`` the factor the caller put on the total: 1, a ``GradScaler``'s scale, ``1/n`` for gradient
+    accumulation), ``paddle.grad(total, leaves)`` returns it, and ``DataParallel``'s hooks see it; no
+    second backward through the losses' graph is made.
+    """
+    value = ops.dot(stacked, ops.cast(weights.detach(), stacked.dtype))
+    g = g.detach()
+    return _AssembledTotal.apply(value, g, *leaves)
 
 
 def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
