@@ -5,10 +5,15 @@ PaddleScience's ``Solver(loss_aggregator=...)``.
 """
 
 from .balancer import Balancer, Sum
+from .causal import CausalResidual, build_causal, causal_weights
 from .config import build_balancer
 from .gradnorm import GradNorm, GradNormBalancer
 from .lr_annealing import LRAnnealing
 from .ntk import NTKWeighting
+from .relobralo import ReLoBRaLo
+from .softadapt import SoftAdapt
+from .uncertainty import UncertaintyWeighting
 
-__all__ = ["Balancer", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer", "build_balancer"]
+__all__ = ["Balancer", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer", "build_balancer",
+           "ReLoBRaLo", "SoftAdapt", "UncertaintyWeighting", "CausalResidual", "causal_weights", "build_causal"]
 __version__ = "0.1.0"

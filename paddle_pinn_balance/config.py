@@ -13,6 +13,9 @@ from .balancer import Balancer, Sum
 from .gradnorm import GradNorm
 from .lr_annealing import LRAnnealing
 from .ntk import NTKWeighting
+from .relobralo import ReLoBRaLo
+from .softadapt import SoftAdapt
+from .uncertainty import UncertaintyWeighting
 
 
 def _build_sum(model, **kw):
@@ -41,6 +44,9 @@ REGISTRY = {
     "lr_annealing": (_build_lr_annealing, LRAnnealing.__init__),
     "grad_norm": (_build_grad_norm, GradNorm.__init__),
     "ntk": (_build_ntk, NTKWeighting.__init__),
+    "relobralo": (lambda model, **kw: ReLoBRaLo(**kw), ReLoBRaLo.__init__),
+    "softadapt": (lambda model, **kw: SoftAdapt(**kw), SoftAdapt.__init__),
+    "uncertainty": (lambda model, **kw: UncertaintyWeighting(**kw), UncertaintyWeighting.__init__),
 }
 
 _NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}

@@ -1,0 +1,103 @@
+"""SoftAdapt (Heydari, Thompson, Mehmood, arXiv 1912.12355, 2019): softmax of the losses' rates of change."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import paddle
+
+from . import ops
+from .balancer import Balancer, check_choice, check_float
+from .gradients import mean_across_ranks
+
+VARIANTS = ("difference", "normalized", "loss_weighted", "ratio")
+
+
+def softadapt_weights(losses, prev_losses, beta: float, variant: str = "difference", eps: float = 1e-8):
+    r"""SoftAdapt weights from this and the previous step's losses (shape ``[n]``), max-shifted:
+
+    * ``difference`` (the basic form): :math:`s_j = L_j(t) - L_j(t-1)`,
+      :math:`w_j = e^{\beta s_j} / \sum_k e^{\beta s_k}`;
+    * ``normalized`` (Sec. 3.1, normalised slopes): :math:`s_j \leftarrow s_j / (\sum_k |s_k| + \epsilon)`,
+      then as above;
+    * ``loss_weighted`` (Sec. 3.1, loss-weighted): :math:`w_j = L_j e^{\beta s_j} / \sum_k L_k e^{\beta s_k}`;
+    * ``ratio`` (PhysicsNeMo's ``SoftAdapt``): :math:`s_j = L_j(t) / (L_j(t-1) + \epsilon)`.
+    """
+    if variant == "ratio":
+        s = losses / (prev_losses + eps)
+    else:
+        s = losses - prev_losses
+        if variant == "normalized":
+            s = s / (paddle.abs(s).sum() + eps)
+    z = beta * s
+    e = paddle.exp(z - z.max())
+    if variant == "loss_weighted":
+        e = losses * e
+    return e / (e.sum() + (eps if variant == "loss_weighted" else 0.0))
+
+
+class SoftAdapt(Balancer):
+    r"""SoftAdapt (Heydari et al. 2019): weights from a softmax of the losses' rates of change.
+
+    .. math:: w_j(t) = \frac{e^{\beta s_j(t)}}{\sum_k e^{\beta s_k(t)}}, \qquad s_j(t) = L_j(t) - L_j(t-1)
+
+    (arXiv 1912.12355, Sec. 3, equation numbers not checked; the other variants by name, see
+    :func:`softadapt_weights`), where
+
+    * ``beta``: :math:`\beta` (> 0 favours the term whose loss grows or decreases slowest; 0: equal weights);
+    * ``variant``: ``difference`` (paper's basic form), ``normalized``, ``loss_weighted`` (paper), ``ratio``
+      (PhysicsNeMo);
+    * :math:`L(t-1)`: the losses of the previous update call (``prev_losses`` buffer).
+
+    Weights sum to 1 as in the paper (PhysicsNeMo's sum to n). On the first call the rates are those of a
+    constant loss (0 or 1), so every weight is 1/n (``loss_weighted``: :math:`L_j / \sum_k L_k`).
+
+    Args:
+        beta, variant, eps: as above (defaults 0.1, ``"difference"``, 1e-8).
+        momentum, update_freq, min_weight, max_weight, loss_names, check_every: see
+            :class:`~paddle_pinn_balance.balancer.Balancer`.
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import SoftAdapt
+        >>> bal = SoftAdapt(beta=1.0)
+        >>> for step in range(3):
+        ...     total = bal({"res": paddle.to_tensor(1.0 / (step + 1)), "bc": paddle.to_tensor(2.0)}, step)
+        >>> bal.weights["bc"] > bal.weights["res"]
+        True
+
+    Note:
+        The rate of change is taken between update calls (every ``update_freq`` steps), on the minibatch
+        losses of those calls; the paper uses consecutive iterations. A non-finite loss skips the update
+        (weights and ``prev_losses`` kept). Data-parallel: the losses are averaged over ranks first.
+    """
+
+    def __init__(self, beta: float = 0.1, variant: str = "difference", eps: float = 1e-8, momentum: float = 0.0,
+                 update_freq: int = 1, min_weight: Optional[float] = None, max_weight: Optional[float] = None,
+                 loss_names: Optional[Sequence[str]] = None, check_every: int = 100):
+        self.beta = check_float("beta", beta)
+        self.variant = check_choice("variant", variant, VARIANTS)
+        super().__init__(loss_names=loss_names, update_freq=update_freq, momentum=momentum, min_weight=min_weight,
+                         max_weight=max_weight, eps=eps, check_every=check_every)
+
+    def _create_state(self, k):
+        super()._create_state(k)
+        self.register_buffer("prev_losses", paddle.zeros([k], dtype="float32"))
+        self.register_buffer("initialised", paddle.zeros([1], dtype="int64"))
+
+    def _extra_state_shapes(self, k):
+        return {"prev_losses": [k], "initialised": [1]}
+
+    def _update(self, values):
+        with paddle.no_grad():
+            L = mean_across_ranks(ops.cast(ops.stack([v.detach() for v in values]), "float32"))
+            first = self.initialised.reshape([]) == 0
+            prev = ops.where(first, L, self.prev_losses)
+            self._set_weights(softadapt_weights(L, prev, self.beta, self.variant, self.eps))
+            ok = self._losses_finite
+            ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
+            ops.assign_(ops.where(ok.reshape([1]), paddle.ones_like(self.initialised), self.initialised),
+                        self.initialised)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, beta={self.beta}, variant={self.variant!r}"

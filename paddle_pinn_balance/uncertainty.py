@@ -1,0 +1,84 @@
+"""Uncertainty weighting (Kendall, Gal, Cipolla, CVPR 2018): learned homoscedastic task variances."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import paddle
+
+from . import ops
+from .balancer import Balancer, check_float
+
+
+def uncertainty_total(losses, log_vars):
+    r"""The uncertainty-weighted total (CVPR 2018, eq. 7, regression form, with :math:`s_j = \log\sigma_j^2`):
+
+    .. math:: L = \sum_j \frac{L_j}{2\sigma_j^2} + \log\sigma_j = \sum_j \tfrac12 e^{-s_j} L_j + \tfrac12 s_j .
+
+    Differentiable in both ``losses`` and ``log_vars`` (shape ``[n]``).
+    """
+    s = ops.cast(log_vars, losses.dtype)
+    return (0.5 * paddle.exp(-s) * losses + 0.5 * s).sum()
+
+
+class UncertaintyWeighting(Balancer):
+    r"""Uncertainty weighting (Kendall et al. 2018): learnable :math:`s_j = \log\sigma_j^2`, one per term.
+
+    .. math:: L = \sum_j \tfrac12 e^{-s_j} L_j + \tfrac12 s_j \quad (\text{CVPR 2018, eq. 7})
+
+    where :math:`s` is the parameter ``log_vars`` (initialised to ``init_log_var``), trained by the user's
+    optimizer together with the network (build it from ``model.parameters() + balancer.parameters()``).
+    The total is an ordinary autograd expression of the losses and :math:`s`: ``backward()``,
+    ``paddle.grad``, ``clear_grad()`` before ``backward()``, L-BFGS closures and ``GradScaler`` all see the
+    exact gradient (:math:`\partial L/\partial s_j = \tfrac12(1 - e^{-s_j}L_j)`). ``weights`` reports
+    :math:`\tfrac12 e^{-s_j}`.
+
+    Args:
+        loss_names: the term names. Needed at construction when the optimizer is built before the first
+            call (the parameter is created with the names); else created at the first call.
+        init_log_var: initial :math:`s_j` (default 0: every weight 1/2).
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance import UncertaintyWeighting
+        >>> bal = UncertaintyWeighting(loss_names=["res", "bc"])
+        >>> opt = paddle.optimizer.Adam(0.1, parameters=bal.parameters())
+        >>> for step in range(3):
+        ...     total = bal({"res": paddle.to_tensor(4.0), "bc": paddle.to_tensor(0.25)}, step)
+        ...     total.backward(); opt.step(); opt.clear_grad()
+        >>> bal.weights["bc"] > bal.weights["res"]
+        True
+
+    Note:
+        * PhysicsNeMo's ``HomoscedasticUncertainty`` adds :math:`s` to the optimizer and states that L-BFGS
+          does not work; here it does (one graph, tested with ``ppsci.optimizer.LBFGS``).
+        * Non-finite losses: the total is a graph, so nothing can be skipped inside it; the optimizer sees
+          whatever autograd gives (NaN gradients for :math:`s`, as for the network), and skipping such a
+          step is the job of the loop (e.g. ``GradScaler``). A checkpoint with non-finite :math:`s` is
+          refused by ``set_state_dict``.
+        * Data-parallel: :math:`s` is a parameter, its gradient is averaged by ``DataParallel`` like the
+          network's.
+    """
+
+    learns_weights = True
+
+    def __init__(self, loss_names: Optional[Sequence[str]] = None, init_log_var: float = 0.0):
+        self.init_log_var = check_float("init_log_var", init_log_var)
+        super().__init__(loss_names=loss_names, update_freq=1)
+
+    def _create_state(self, k):
+        super()._create_state(k)
+        self.log_vars = self.create_parameter(
+            [k], dtype="float32", default_initializer=paddle.nn.initializer.Constant(self.init_log_var))
+
+    def _extra_state_shapes(self, k):
+        return {"log_vars": [k]}
+
+    def _weight_vector(self):
+        return (0.5 * paddle.exp(-self.log_vars)).detach()
+
+    def _total(self, values, update):
+        return uncertainty_total(ops.stack(values), self.log_vars)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, init_log_var={self.init_log_var}"
