@@ -296,13 +296,12 @@ class Balancer(paddle.nn.Layer):
                 s = ops.dot(param, ops.cast(grad, param.dtype))
                 total = total + ops.cast(s - s.detach(), total.dtype)
             return total
-        g = self._direction(G, w)
-        leaves = params
-        if extra is not None:
-            leaves = list(params) + [extra[0]]
-            g = ops.flatten_cat([g, ops.cast(extra[1], g.dtype)])
         # every rank delivers the same (rank-averaged) gradient; DataParallel's reducer averages it again
-        return assembled_total(losses, w, g, leaves)
+        total = assembled_total(losses, w, self._direction(G, w), params)
+        if extra is not None:  # its own node: `paddle.grad` with respect to the model alone skips it
+            param, grad = extra
+            total = total + assembled_total(ops.filled(1, 0.0, losses), ops.filled(1, 0.0, losses), grad, [param])
+        return total
 
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.

@@ -187,7 +187,8 @@ class _AssembledTotal(paddle.autograd.PyLayer):
         else:  # leaves of several dtypes (an added parameter in float64 beside a float32 net)
             sizes = [int(np.prod(p.shape)) for p in leaves]
             parts = [ops.cast(ops.reshape(x, p.shape), p.dtype) for x, p in zip(paddle.split(flat, sizes), leaves)]
-        return (None, None) + tuple(parts)
+        # a leaf the caller does not differentiate (``paddle.grad`` with respect to others) gets None
+        return (None, None) + tuple(None if p.stop_gradient else v for p, v in zip(leaves, parts))
 
 
 def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, g: paddle.Tensor,

@@ -283,7 +283,9 @@ def test_training_keeps_state_constant_and_allocates_nothing_per_step(kind):
     held = core.host_memory_stat_current_value("Allocated", 0)
     for i in range(4, 12):
         step(i)
-        assert core.host_memory_stat_current_value("Allocated", 0) == held, f"step {i}"
+        now = core.host_memory_stat_current_value("Allocated", 0)
+        assert now <= held, f"step {i}: {now} > {held}"  # no growth (a PyLayer context may be freed late)
+        held = max(now, held)
     for name, buf in bal.named_buffers():
         assert buf.stop_gradient, name
 

@@ -1,0 +1,183 @@
+"""The loops users write, for every balancer: the total's gradient equals plain autograd of
+``sum_i w_i L_i`` with the weights the balancer reports (an independent reference: a fresh graph, the
+reported weights as constants), whatever the order of ``clear_grad``, ``backward`` and ``paddle.grad``."""
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, ReLoBRaLo, SoftAdapt, Sum
+
+X_R = np.linspace(-1, 1, 12, dtype="float32").reshape([-1, 1])
+X_B = np.array([[-1.0], [1.0]], dtype="float32")
+
+
+def make_net(seed=3):
+    paddle.seed(seed)
+    return paddle.nn.Sequential(paddle.nn.Linear(1, 8), paddle.nn.Tanh(), paddle.nn.Linear(8, 1))
+
+
+def losses_of(net, shift=0.0):
+    x = paddle.to_tensor(X_R + shift)
+    x.stop_gradient = False
+    u = net(x)
+    u_x = paddle.grad(u.sum(), x, create_graph=True)[0]
+    res = ((u_x - paddle.cos(3 * x)) ** 2).mean()
+    bc = ((net(paddle.to_tensor(X_B)) - 0.5) ** 2).mean()
+    return {"res": res, "bc": 10.0 * bc}
+
+
+def kernels():
+    def res(m):
+        x = paddle.to_tensor(X_R)
+        x.stop_gradient = False
+        u = m(x)
+        return paddle.grad(u.sum(), x, create_graph=True)[0].reshape([-1])
+
+    return {"res": res, "bc": lambda m: m(paddle.to_tensor(X_B)).reshape([-1])}
+
+
+BALANCERS = {
+    "sum": lambda net: (net, Sum(weights={"bc": 2.0})),
+    "lra_siam": lambda net: (net, LRAnnealing(net, update_freq=1)),
+    "lra_arxiv": lambda net: (net, LRAnnealing(net, variant="arxiv", statistic="mean", update_freq=1)),
+    "lra_code": lambda net: (net, LRAnnealing(net, preset="wang2021_code", update_freq=1)),
+    "ntk_trace": lambda net: (net, NTKWeighting(net, kernels=kernels(), update_freq=1)),
+    "ntk_grad_norm": lambda net: (net, NTKWeighting(net, mode="grad_norm", update_freq=1)),
+    "relobralo": lambda net: (net, ReLoBRaLo(update_freq=1)),
+    "softadapt": lambda net: (net, SoftAdapt(update_freq=1)),
+    "gradnorm": lambda net: (lambda w: (w, w.aggregator))(GradNorm(net, n_loss=2, alpha=1.0)),
+}
+
+
+def net_params(model):
+    return [p for n, p in model.named_parameters() if "loss_weights" not in n]
+
+
+def reference_grads(model, weights, shift=0.0):
+    """Autograd of sum_i w_i L_i on a fresh graph, the weights as constants."""
+    losses = losses_of(model, shift)
+    total = sum(float(weights[n]) * v for n, v in losses.items())
+    params = net_params(model)
+    return [g.numpy() for g in paddle.grad(total, params)]
+
+
+def put_gradients(params, values):
+    """Give each parameter the gradient ``values`` the way a user's earlier backward does (Paddle's setter
+    would be overwritten by the next backward after ``clear_grad()``)."""
+    sum((p * paddle.to_tensor(v)).sum() for p, v in zip(params, values)).backward()
+
+
+def grads(params):
+    return [np.zeros(p.shape, "float32") if p.grad is None else p.grad.numpy().copy() for p in params]
+
+
+def close(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
+
+
+def setup(kind, warm=2):
+    """Model and balancer after `warm` ordinary steps (weights away from 1, optimizer state non-trivial)."""
+    model, bal = BALANCERS[kind](make_net())
+    opt = paddle.optimizer.Adam(1e-2, parameters=model.parameters())
+    for step in range(warm):
+        bal(losses_of(model), step).backward()
+        opt.step()
+        opt.clear_grad()
+    return model, bal, opt, warm
+
+
+def gradnorm_weights(bal, model):
+    return bal.weights if not isinstance(model, GradNorm) else dict(zip(bal.loss_names, model.loss_weights.numpy()))
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_clear_right_before_backward_with_stale_gradients(kind):
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    put_gradients(params, [np.full(p.shape, 7.0, "float32") for p in params])  # stale: an earlier step's
+    total = bal(losses_of(model), step)
+    opt.clear_grad()
+    total.backward()
+    close(grads(params), reference_grads(model, gradnorm_weights(bal, model)))
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_gradient_accumulation_over_calls(kind):
+    """Two calls (the second with the same step: no second update) accumulated onto an earlier .grad."""
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    prior = [np.full(p.shape, 0.25, "float32") for p in params]
+    put_gradients(params, prior)
+    updates = int(bal.num_updates.numpy()[0])
+    bal(losses_of(model), step).backward()
+    w = dict(gradnorm_weights(bal, model))
+    (bal(losses_of(model, shift=0.1), step) / 2).backward()
+    assert int(bal.num_updates.numpy()[0]) == updates + 1  # one update for the step, not one per call
+    ref = [a + b + 0.5 * c for a, b, c in zip(prior, reference_grads(model, w),
+                                               reference_grads(model, w, shift=0.1))]
+    close(grads(params), ref)
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_paddle_grad_of_the_total(kind):
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    before = grads(params)
+    total = bal(losses_of(model), step)
+    got = paddle.grad(total, params, allow_unused=True)
+    assert all(g is not None for g in got)
+    close([g.numpy() for g in got], reference_grads(model, gradnorm_weights(bal, model)))
+    close(grads(params), before)  # paddle.grad leaves .grad alone
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+@pytest.mark.parametrize("scale", [0.5, 1024.0])
+def test_factor_on_the_total(kind, scale):
+    """A GradScaler multiplies the total by its scale, the Solver by 1/n: the factor reaches every gradient."""
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    (bal(losses_of(model), step) * scale).backward()
+    close(grads(params), [scale * g for g in reference_grads(model, gradnorm_weights(bal, model))])
+
+
+@pytest.mark.parametrize("kind", ["lra_siam", "ntk_grad_norm", "gradnorm", "relobralo", "ntk_trace"])
+def test_lbfgs_closure_matches_fixed_weights(kind):
+    """paddle.optimizer.LBFGS calls the closure several times per step: the first call of a step updates the
+    weights, the others reuse them; the run equals L-BFGS on sum_i w_i L_i with the weights reported."""
+    model, bal = BALANCERS[kind](make_net())
+    params = net_params(model)
+    opt = paddle.optimizer.LBFGS(learning_rate=0.5, max_iter=4, parameters=model.parameters())
+    start = [p.numpy().copy() for p in params]
+    history = []
+    for step in range(3):
+        def closure():
+            opt.clear_grad()
+            total = bal(losses_of(model), step)
+            total.backward()
+            return total
+
+        opt.step(closure)
+        history.append(dict(gradnorm_weights(bal, model)))
+        if isinstance(model, GradNorm):
+            model.loss_weights.clear_gradient(False)
+    assert int(bal.num_updates.numpy()[0]) == 3
+
+    ref_net = make_net()
+    for p, v in zip(ref_net.parameters(), start):
+        p.set_value(v)
+    ref_opt = paddle.optimizer.LBFGS(learning_rate=0.5, max_iter=4, parameters=ref_net.parameters())
+    for step, w in enumerate(history):
+        def ref_closure():
+            ref_opt.clear_grad()
+            losses = losses_of(ref_net)
+            total = sum(float(w[n]) * v for n, v in losses.items())
+            total.backward()
+            return total
+
+        ref_opt.step(ref_closure)
+    if kind == "gradnorm":  # the weights trained by L-BFGS too: compare the network only up to the weights' effect
+        return
+    for p, q in zip(params, ref_net.parameters()):
+        np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=1e-3, atol=1e-5)  # float32 L-BFGS
