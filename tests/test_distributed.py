@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KINDS = ["sum", "lra_siam", "lra_code", "lra_norm", "gradnorm", "ntk_trace", "ntk_mean", "ntk_grad_norm"]
+KINDS = ["sum", "lra_siam", "lra_code", "lra_norm", "gradnorm", "lra_clear_before", "ntk_trace",
+         "ntk_mean", "ntk_grad_norm"]
 STEPS = 5
 N_RES, N_BC = 16, 8  # points per rank and term
 
@@ -48,6 +49,8 @@ def train(kind, rank, world):
     elif kind == "gradnorm":
         wrapper = GradNorm(model, n_loss=2, alpha=1.0)  # DataParallel inside: the weights are not DP-managed
         model, bal = wrapper, wrapper.aggregator
+    elif kind == "lra_clear_before":
+        bal = LRAnnealing(net, ref="res", update_freq=1)
     elif kind == "ntk_trace":
         bal = NTKWeighting(net, kernels={"res": kernel("res"), "bc": kernel("bc")}, update_freq=2)
     elif kind == "ntk_mean":
@@ -62,9 +65,13 @@ def train(kind, rank, world):
         kernel_pts["res"], kernel_pts["bc"] = xr, xb
         losses = {"res": (model(paddle.to_tensor(xr)) ** 2).mean(),
                   "bc": ((model(paddle.to_tensor(xb)) - 2.0) ** 2).mean()}
-        bal(losses, step).backward()
+        total = bal(losses, step)
+        if kind == "lra_clear_before":  # clear right before backward, stale gradients present
+            opt.clear_grad()
+        total.backward()
         opt.step()
-        opt.clear_grad()
+        if kind != "lra_clear_before":
+            opt.clear_grad()
         history.append(bal.weights)
     return {"weights": history, "params": [p.numpy().ravel().tolist() for p in net.parameters()]}
 
