@@ -10,11 +10,13 @@ import paddle
 import yaml
 
 from .balancer import Balancer, Sum
+from .grad_norm_ratio import GradNormRatio
 from .gradnorm import GradNorm
 from .lr_annealing import LRAnnealing
 from .ntk import NTKWeighting
 from .relobralo import ReLoBRaLo
 from .softadapt import SoftAdapt
+from .surgery import ConFIG, PCGrad, UPGrad
 from .uncertainty import UncertaintyWeighting
 
 
@@ -44,9 +46,13 @@ REGISTRY = {
     "lr_annealing": (_build_lr_annealing, LRAnnealing.__init__),
     "grad_norm": (_build_grad_norm, GradNorm.__init__),
     "ntk": (_build_ntk, NTKWeighting.__init__),
+    "grad_norm_ratio": (lambda model, **kw: GradNormRatio(model, **kw), GradNormRatio.__init__),
     "relobralo": (lambda model, **kw: ReLoBRaLo(**kw), ReLoBRaLo.__init__),
     "softadapt": (lambda model, **kw: SoftAdapt(**kw), SoftAdapt.__init__),
     "uncertainty": (lambda model, **kw: UncertaintyWeighting(**kw), UncertaintyWeighting.__init__),
+    "pcgrad": (lambda model, **kw: PCGrad(model, **kw), PCGrad.__init__),
+    "conflict_free": (lambda model, **kw: ConFIG(model, **kw), ConFIG.__init__),
+    "upgrad": (lambda model, **kw: UPGrad(model, **kw), UPGrad.__init__),
 }
 
 _NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}

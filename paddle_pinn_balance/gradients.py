@@ -9,7 +9,7 @@ authors' code of the learning-rate annealing paper does.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 import numpy as np
 import paddle

@@ -10,6 +10,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_choice, check_int
+from .grad_norm_ratio import grad_norm_ratio_weights
 from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
 
@@ -217,8 +218,8 @@ class NTKWeighting(Balancer):
         """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
         the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
         skips the whole update."""
-        norms = ops.row_norm(G).detach()
-        raw = ops.where(ops.nonzero(norms), self.estimates(norms), ops.cast(self.lambdas, norms.dtype))
+        norms = ops.row_norm(self._model_columns(G)).detach()
+        raw = ops.where(ops.nonzero(norms), grad_norm_ratio_weights(norms), ops.cast(self.lambdas, norms.dtype))
         old = self.traces_buf
         new = ops.cast(norms, old.dtype)
         ops.assign_(ops.where(ops.all_finite(new), new, old), old)

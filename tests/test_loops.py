@@ -152,7 +152,7 @@ def test_lbfgs_closure_matches_fixed_weights(kind):
     start = [p.numpy().copy() for p in params]
     history = []
     for step in range(3):
-        def closure():
+        def closure(step=step):
             opt.clear_grad()
             total = bal(losses_of(model), step)
             total.backward()
@@ -168,8 +168,8 @@ def test_lbfgs_closure_matches_fixed_weights(kind):
     for p, v in zip(ref_net.parameters(), start):
         p.set_value(v)
     ref_opt = paddle.optimizer.LBFGS(learning_rate=0.5, max_iter=4, parameters=ref_net.parameters())
-    for step, w in enumerate(history):
-        def ref_closure():
+    for w in history:
+        def ref_closure(w=w):
             ref_opt.clear_grad()
             losses = losses_of(ref_net)
             total = sum(float(w[n]) * v for n, v in losses.items())
