@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["paddlepaddle>=3.0", "numpy", "pyyaml"],
     extras_require={
-        "test": ["pytest", "matplotlib"],
+        "test": ["pytest", "matplotlib", "scipy"],
         "plot": ["matplotlib", "tqdm"],
         "ppsci": ["paddlesci"],
     },

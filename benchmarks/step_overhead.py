@@ -93,8 +93,14 @@ def build(method, freq, terms, net):
         return wrapper, wrapper.aggregator
     if method == "ntk_grad_norm":
         return net, NTKWeighting(net, mode="grad_norm", update_freq=freq)
+    if method in ("pcgrad", "conflict_free"):
+        from paddle_pinn_balance import ConFIG, PCGrad
+
+        return net, (PCGrad(net, update_freq=freq) if method == "pcgrad" else ConFIG(net, update_freq=freq))
     from ppsci.loss import mtl
 
+    if method == "ppsci_pcgrad":
+        return net, _PpsciBackward(mtl.PCGrad(net))
     if method == "ppsci_sum":
         return net, mtl.Sum()
     if method == "ppsci_gradnorm":
@@ -102,6 +108,20 @@ def build(method, freq, terms, net):
     if method == "ppsci_ntk":
         return net, mtl.NTK(net, num_losses=terms, update_freq=freq)
     raise ValueError(f"unknown method {method!r}")
+
+
+class _PpsciBackward:
+    """``ppsci.loss.mtl.PCGrad`` returns itself and sets ``.grad`` in its own ``backward()``."""
+
+    def __init__(self, agg):
+        self.agg = agg
+
+    def __call__(self, losses, step):
+        self.value = paddle.add_n([v.detach() for v in losses.values()])
+        return self.agg(losses, step)
+
+    def __getattr__(self, name):
+        return getattr(self.agg, name)
 
 
 class Runner:
@@ -128,17 +148,20 @@ class Runner:
             self.opt.clear_grad()
             if timed:
                 if gpu:
-                    _ = float(total)  # a synchronisation per timed step, in every runner alike
+                    # a synchronisation per timed step, in every runner alike
+                    _ = float(getattr(self.agg, "value", total))
                 out.append((clock() - t0, self.step % self.freq == 0))
             self.step += 1
-        _ = float(total)
+        _ = float(getattr(self.agg, "value", total))
         return out
 
 
-def methods_available(with_ppsci):
+def methods_available(with_ppsci, surgery=False):
     names = ["lra", "gradnorm"] + (["ntk_grad_norm"] if NTKWeighting is not None else [])
     if with_ppsci:
         names += ["ppsci_gradnorm", "ppsci_ntk"]
+    if surgery:  # gradient surgery (update every step only), beside LRAnnealing
+        names += ["pcgrad", "conflict_free"] + (["ppsci_pcgrad"] if with_ppsci else [])
     return names
 
 
@@ -168,11 +191,13 @@ def time_pair(method, freq, terms, rounds, block):
     return ratio * statistics.median(plain), ratio, statistics.median(plain)
 
 
-def time_setup(terms, freqs, rounds, block, with_ppsci):
+def time_setup(terms, freqs, rounds, block, with_ppsci, surgery=False):
     """{(method, update_freq): (seconds per step, ratio to its paired plain step)}, and the plain step."""
     out, plains = {}, []
     keys = [("ppsci_sum", 1)] if with_ppsci else []
     keys += [(m, f) for m in methods_available(with_ppsci) for f in freqs]
+    if surgery:
+        keys += [(m, 1) for m in methods_available(with_ppsci, True) if m not in methods_available(with_ppsci)]
     for m, f in keys:
         t, ratio, plain = time_pair(m, f, terms, rounds, block)
         out[(m, f)] = (t, ratio)
@@ -207,6 +232,8 @@ def main(argv=None):
     p.add_argument("--no-ppsci", action="store_true", help="skip PaddleScience's aggregators")
     p.add_argument("--memory", action="store_true", help="also measure the peak memory of a step")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--surgery", action="store_true",
+                   help="also time PCGrad / ConFIG (and ppsci's PCGrad) at update_freq 1")
     args = p.parse_args(argv)
     with_ppsci = False
     if not args.no_ppsci:
@@ -221,7 +248,7 @@ def main(argv=None):
           f"rounds {args.rounds} x {args.block} steps per method and its paired plain runner, medians")
     results = []
     for terms in args.terms:
-        med, plain = time_setup(terms, args.freqs, args.rounds, args.block, with_ppsci)
+        med, plain = time_setup(terms, args.freqs, args.rounds, args.block, with_ppsci, args.surgery)
         print(f"\n{terms} terms: plain step {plain * 1e3:.2f} ms (median over the pairs)")
         print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
               + (f"{'peak MB':>9}{'x plain':>9}" if args.memory else ""))
