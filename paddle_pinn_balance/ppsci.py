@@ -282,9 +282,15 @@ class _ConstraintPiece:
         else:
             out = m(data)
         data.update(out)
-        expr = self.expression()
         try:
-            f = out[self.key] if expr is None else expr(data)
+            if self.expression() is None:
+                f = out[self.key]
+            else:  # as the Solver's forward: every expression of the constraint in order, on one shared dict
+                # (fused derivative nodes of a later expression read what an earlier one stored in it)
+                for name, expr in self.constraint.output_expr.items():
+                    f = expr(data)
+                    if name == self.key:
+                        break
         finally:
             _ppsci().autodiff.clear()
         if self.point_weights and weight is not None:
