@@ -35,6 +35,13 @@ def flatten_copy(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     return _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])[1]
 
 
+def flatten_copy_views(tensors: Sequence[paddle.Tensor]) -> list:
+    """``[flat, view_1, ...]``: :func:`flatten_copy` of the tensors and views into that copy shaped like each
+    tensor (one copying operation)."""
+    views, flat = _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])
+    return [flat] + list(views)
+
+
 def stack(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """``paddle.stack(tensors)`` along a new first axis."""
     return _C.stack(list(tensors), 0)
