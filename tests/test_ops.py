@@ -1,4 +1,5 @@
-"""Every fast operation of the update path equals the public PaddlePaddle function it stands for."""
+"""Every fast operation of the update path equals the public PaddlePaddle function it stands for, in both
+of its forms (``paddle._C_ops`` and the public fallback), forward and backward."""
 
 import numpy as np
 import paddle
@@ -11,6 +12,17 @@ NAN, INF = float("nan"), float("inf")
 
 def t(a, dtype="float32"):
     return paddle.to_tensor(np.asarray(a, dtype=dtype))
+
+
+@pytest.fixture(autouse=True, params=["private", "public"])
+def form(request, monkeypatch):
+    """Every test runs once with each op in its private form and once in its public fallback."""
+    forms = ops.PRIVATE if request.param == "private" else ops.PUBLIC
+    if request.param == "private" and ops._C is None:
+        pytest.skip("paddle._C_ops is missing")
+    for name, f in forms.items():
+        monkeypatch.setattr(ops, "_" + name, f)
+    return request.param
 
 
 def same(a, b):
@@ -116,3 +128,90 @@ def test_all_finite_slices_and_in_place_ops():
     ops.increment_(counter)
     ops.increment_(counter)
     assert counter.numpy().tolist() == [2]
+
+
+def test_the_form_is_chosen_once_by_probe_and_switch(monkeypatch):
+    for name in ops.PRIVATE:
+        assert (name in ops.FALLBACKS) == (ops.FORCE_PUBLIC or not ops._works(name))
+    def broken(*args):
+        raise TypeError("signature changed")
+    monkeypatch.setitem(ops.PRIVATE, "lerp", broken)
+    assert not ops._works("lerp")
+    monkeypatch.setitem(ops.PRIVATE, "lerp", lambda x, y, w: x)  # runs, but gives another answer
+    assert not ops._works("lerp")
+
+
+def test_views_like_and_flatten_copy_views():
+    xs = [t([[1.0, 2.0], [3.0, 4.0]]), t([5.0, 6.0, 7.0])]
+    flat, a, b = ops.views_like(xs)
+    assert list(flat.shape) == [7] and list(a.shape) == [2, 2] and list(b.shape) == [3] and flat.dtype == xs[0].dtype
+    ops.assign_(xs[0], a)
+    ops.assign_(xs[1], b)
+    same(flat, paddle.concat([x.reshape([-1]) for x in xs]))  # writes into the views land in the vector
+    flat, a, b = ops.flatten_copy_views(xs)
+    same(flat, paddle.concat([x.reshape([-1]) for x in xs]))
+    same(a, xs[0])
+    same(b, xs[1])
+    ops.assign_(t([[0.0, 0.0], [0.0, 0.0]]), a)
+    np.testing.assert_array_equal(flat.numpy()[:4], 0.0)  # a view into the copy ...
+    np.testing.assert_array_equal(xs[0].numpy(), [[1.0, 2.0], [3.0, 4.0]])  # ... not into the tensor
+
+
+def test_stack_filled_multiply_add_():
+    x, y = t([1.0, NAN, 3.0]), t([4.0, 5.0, INF])
+    same(ops.stack([x, y]), paddle.stack([x, y]))
+    c = ops.filled(3, 1.5, x)
+    same(c, paddle.full([3], 1.5, dtype="float32"))
+    assert ops.filled(3, 1.5, x) is c
+    same(ops.filled(None, 2.0, x.astype("float64")), paddle.full([], 2.0, dtype="float64"))
+    same(ops.multiply(x, y), paddle.multiply(x, y))
+    same(ops.multiply(x, t(2.0)), x * 2.0)
+    z = t([1.0, 2.0, 3.0])
+    ops.add_(z, y)
+    same(z, t([1.0, 2.0, 3.0]) + y)
+
+
+def _grad_of(f, arrays, w):
+    xs = [t(a) for a in arrays]
+    for x in xs:
+        x.stop_gradient = False
+    out = f(*xs)
+    (out * t(w).reshape(out.shape)).sum().backward()
+    return [x.grad.numpy() if x.grad is not None else None for x in xs]
+
+
+_A = np.array([[0.3, -1.2, 2.0], [1.5, 0.7, -0.4]], dtype="float32")
+_B = np.array([[1.1, -0.2, 0.5], [-1.5, 2.7, 0.4]], dtype="float32")
+_u, _v = np.array([0.3, -1.2, 2.0], dtype="float32"), np.array([1.1, -0.2, 0.5], dtype="float32")
+BACKWARD = {  # name: (ours, public, inputs)
+    "stack": (lambda a, b: ops.stack([a, b]), lambda a, b: paddle.stack([a, b]), [_u, _v]),
+    "abs": (ops.abs, paddle.abs, [_A]),
+    "row_sum": (ops.row_sum, lambda a: a.sum(axis=1), [_A]),
+    "row_mean": (ops.row_mean, lambda a: a.mean(axis=1), [_A]),
+    "row_max": (ops.row_max, lambda a: a.max(axis=1), [_A]),
+    "row_norm": (ops.row_norm, lambda a: paddle.sqrt((a * a).sum(axis=1)), [_A]),
+    "total": (ops.total, paddle.sum, [_u]),
+    "item": (lambda a: ops.item(a, 1), lambda a: a[1], [_u]),
+    "leading_columns": (lambda a: ops.leading_columns(a, 2), lambda a: a[:, :2], [_A]),
+    "reshape": (lambda a: ops.reshape(a, [3, 2]), lambda a: a.reshape([3, 2]), [_A]),
+    "scale": (lambda a: ops.scale(a, 2.0, 1.0), lambda a: 2.0 * a + 1.0, [_A]),
+    "pow": (lambda a: ops.pow(a, 1.5), lambda a: paddle.pow(a, 1.5), [np.abs(_A)]),
+    "matmul": (ops.matmul, paddle.matmul, [_A, _B.T.copy()]),
+    "multiply": (ops.multiply, paddle.multiply, [_A, _B]),
+    "dot": (ops.dot, paddle.dot, [_u, _v]),
+    "cast": (lambda a: ops.cast(a, paddle.float64), lambda a: a.astype("float64"), [_A]),
+    "where": (lambda a, b: ops.where(a > b, a, b), lambda a, b: paddle.where(a > b, a, b), [_A, _B]),
+    "lerp": (lambda a, b: ops.lerp(a, b, t(0.25)), lambda a, b: paddle.lerp(a, b, 0.25), [_A, _B]),
+    "clip": (lambda a: ops.clip(a, -1.0, 1.0), lambda a: paddle.clip(a, -1.0, 1.0), [_A]),
+    "minimum": (ops.minimum, paddle.minimum, [_A, _B]),
+    "maximum": (ops.maximum, paddle.maximum, [_A, _B]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BACKWARD))
+def test_backward_equals_the_public_one(name):
+    ours, public, arrays = BACKWARD[name]
+    n = int(np.prod(public(*[t(a) for a in arrays]).shape))
+    w = np.linspace(-1.0, 2.0, max(n, 1)).astype("float32")
+    for a, b in zip(_grad_of(ours, arrays, w), _grad_of(public, arrays, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
