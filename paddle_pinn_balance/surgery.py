@@ -142,9 +142,6 @@ class _Surgery(Balancer):
     def _update_from_gradients(self, losses, G):
         return None  # no weights to learn: the combination is in `_direction`
 
-    def _coefficients(self, gram):
-        raise NotImplementedError("a surgery method defines `_coefficients(gram)`")
-
     def _direction(self, G, w):
         return paddle.matmul(self._coefficients(_gram(G)), G)
 
