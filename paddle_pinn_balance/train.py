@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import REGISTRY, allowed_keys, build_balancer, load_config
 
-__all__ = ["train"]
+__all__ = ["check_int", "problem_balancer", "train", "trainable_parameters"]
 
 
 def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | None = None,
@@ -24,8 +24,7 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
     Each iteration: fresh points ``problem.sample(rng)``, loss terms ``problem.losses(net, batch)``,
     ``total = balancer(losses, step)``, ``total.backward()``, optimizer and learning-rate scheduler step.
 
-    For ``ntk`` (``mode: trace``) without ``kernels`` in the config, the kernels are
-    ``problem.kernels(batch)`` on one batch drawn once from a generator of its own (seeded by ``seed``).
+    The balancer comes from :func:`problem_balancer` (loss names and, for ``ntk``, kernels filled in).
 
     Args:
         problem: a :class:`~paddle_pinn_balance.problems.Problem`.
@@ -44,31 +43,18 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         ``weight`` per term, ``rel_l2`` and ``lr`` at the log points) and ``model`` (the trained network; not
         JSON-serialisable, drop it before saving).
     """
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-        raise ValueError(f"`iters` must be an integer >= 1; got {iters!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be an integer >= 0; got {seed!r}")
+    check_int(iters, "iters", 1)
+    check_int(seed, "seed", 0)
     if log_every is None:
         log_every = max(1, iters // 100)
-    if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)) or log_every < 1:
-        raise ValueError(f"`log_every` must be an integer >= 1; got {log_every!r}")
+    check_int(log_every, "log_every", 1)
     config = load_config(balancer_config)
 
     model = problem.build_model(seed)
-    build_config = dict(config)
-    name = config.get("name")
-    if name in REGISTRY and "loss_names" in allowed_keys(name) and not {"loss_names", "n_loss"} & set(config):
-        build_config["loss_names"] = list(problem.loss_names)  # fixes the term order (GradNorm needs it up front)
     rng = np.random.default_rng(seed)
-    if name == "ntk" and config.get("mode", "trace") == "trace" and "kernels" not in config:
-        if not callable(getattr(problem, "kernels", None)):
-            raise ValueError(f"balancer 'ntk' (mode 'trace') needs kernels, and problem {problem.name!r} has no "
-                             "`kernels(batch)`; use `mode: grad_norm` or pass `kernels` in a Python config")
-        # the kernels' points: one batch drawn once, from a generator of their own (the training draws are unchanged)
-        build_config["kernels"] = problem.kernels(problem.sample(np.random.default_rng([seed, 1])))
-    balancer = build_balancer(build_config, model)
+    balancer = problem_balancer(problem, config, model, seed)
     net = getattr(balancer, "wrapper", None) or model  # grad_norm: train the wrapper (holds the loss weights)
-    optimizer, scheduler = problem.optimizer(net.parameters())
+    optimizer, scheduler = problem.optimizer(trainable_parameters(net, balancer))
 
     names = tuple(problem.loss_names)
     history = {"step": [], "loss": {n: [] for n in names}, "weight": {n: [] for n in names}, "rel_l2": [], "lr": []}
@@ -108,6 +94,56 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         "history": history,
         "model": net,
     }
+
+
+def trainable_parameters(net, balancer) -> list:
+    """The parameters one optimizer trains: ``net``'s, then the balancer's own learnable weights (uncertainty
+    weighting's ``log sigma^2``, GradNorm's loss weights when the balancer is used without its wrapper), each once."""
+    params = list(net.parameters())
+    seen = {id(p) for p in params}
+    for p in balancer.parameters():
+        if id(p) not in seen and not p.stop_gradient:
+            params.append(p)
+            seen.add(id(p))
+    return params
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) ``>= minimum``, else ``ValueError`` naming ``name``.
+
+    The one integer check of the package: the training loop's arguments, the YAML files' ``iters``, ``seeds``,
+    ``log_every`` and the command line's integer options all go through it.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def problem_balancer(problem, balancer_config, model, seed: int = 0):
+    """The balancer of ``balancer_config`` for ``problem``'s ``model``: the one place that completes a config.
+
+    * ``loss_names``: set to ``problem.loss_names`` when the balancer takes them and the config names neither
+      them nor ``n_loss`` (fixes the term order; GradNorm needs it up front);
+    * ``kernels`` for ``ntk`` in ``mode: trace`` (and any registered method that takes ``kernels``) when the
+      config has none: ``problem.kernels(batch)`` on one batch drawn once from a generator of its own,
+      ``numpy.random.default_rng([seed, 1])``, so the training draws are unchanged and runs with one seed share
+      the kernels' points (the CLI's check before training uses the same call).
+
+    Raises ``ValueError`` when a method needs kernels and the problem has no ``kernels(batch)``.
+    """
+    config = load_config(balancer_config)
+    build_config = dict(config)
+    name = config.get("name")
+    keys = allowed_keys(name) if name in REGISTRY else []
+    if "loss_names" in keys and not {"loss_names", "n_loss"} & set(config):
+        build_config["loss_names"] = list(problem.loss_names)
+    wants_kernels = "kernels" in keys and "kernels" not in config and config.get("mode", "trace") == "trace"
+    if wants_kernels:
+        if not callable(getattr(problem, "kernels", None)):
+            raise ValueError(f"balancer {name!r} (mode 'trace') needs kernels, and problem {problem.name!r} has no "
+                             "`kernels(batch)`; use `mode: grad_norm` or pass `kernels` in a Python config")
+        build_config["kernels"] = problem.kernels(problem.sample(np.random.default_rng([int(seed), 1])))
+    return build_balancer(build_config, model)
 
 
 def _progress(total: int, desc: str, enabled: bool):

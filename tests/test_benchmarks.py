@@ -47,7 +47,8 @@ def _fd_second(fn, x, axis, h=1e-4):
 
 
 def test_registry_names_every_problem():
-    assert sorted(PROBLEMS) == ["gradnorm_toy", "helmholtz", "klein_gordon", "poisson1d", "wave1d"]
+    assert sorted(PROBLEMS) == ["allen_cahn1d", "convection1d", "gradnorm_toy", "helmholtz", "klein_gordon",
+                                "poisson1d", "poisson2d_pieces", "wave1d"]
     with pytest.raises(ValueError, match="unknown problem"):
         get_problem("burgers")
 

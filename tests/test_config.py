@@ -23,7 +23,8 @@ def test_dict_config_builds_each_method():
     assert build_balancer({"name": "grad_norm"}, wrapper) is wrapper.aggregator
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))))
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(EXAMPLES, "*.yaml"))
+                                         if os.path.basename(p) != "table.yaml"))  # a `table` file: test_table.py
 def test_shipped_yaml_files_build(path):
     bal = build_balancer(path, make_net())
     net = getattr(bal, "wrapper", make_net())

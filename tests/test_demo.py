@@ -162,18 +162,26 @@ def test_demo_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "rel. L2 error" in printed and "plain (sum)" in printed and "LRA (wang2021_code)" in printed
     data = json.loads((out / "results.json").read_text())
-    assert data["problem"] == "Helmholtz 2D" and data["iters"] == 30 and data["seed"] == 0
-    plain, lra = data["runs"]["plain"], data["runs"]["lra"]
+    # the layout of every `pinn-balance run`
+    assert data["problem"] == "helmholtz" and data["problem_name"] == "Helmholtz 2D"
+    assert data["iters"] == 30 and data["seeds"] == [0]
+    plain, lra = data["methods"]["plain"], data["methods"]["lra"]
     assert plain["balancer"] == {"name": "sum"}
     assert lra["balancer"] == {"name": "lr_annealing", "preset": "wang2021_code"}
     assert plain["weights"] == {"res": 1.0, "bc": 1.0}
     assert lra["weights"]["res"] == 1.0 and lra["weights"]["bc"] > 1.0
     for run in (plain, lra):
-        assert 0 < run["rel_l2"] < 10 and run["wall_time_s"] > 0
+        assert 0 < run["rel_l2"] < 10 and run["wall_time_s"] > 0 and run["errors"] == [run["rel_l2"]]
         assert run["history"]["step"][0] == 0 and run["history"]["step"][-1] == 29
         assert len(run["history"]["weight"]["bc"]) == len(run["history"]["step"])
+    assert data["demo"]["error_ratio_plain_over_lra"] == pytest.approx(plain["rel_l2"] / lra["rel_l2"])
     # identical seed: identical initial network and first batch
     assert plain["history"]["loss"]["res"][0] == lra["history"]["loss"]["res"][0]
+
+    # `report` reads the demo's output like any run's
+    capsys.readouterr()
+    assert cli.main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "| Helmholtz 2D | plain | 1 | 30 |" in capsys.readouterr().out
 
     # plot files: only these assertions need matplotlib (the optional `plot` extra)
     pytest.importorskip("matplotlib")

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import paddle
 
-__all__ = ["MLP", "PROBLEMS", "GradNormToy", "Helmholtz2D", "KleinGordon1D", "Poisson1D", "Problem", "Wave1D",
-           "get_problem", "relative_l2"]
+__all__ = ["MLP", "PROBLEMS", "AllenCahn1D", "Convection1D", "GradNormToy", "Helmholtz2D", "KleinGordon1D", "Poisson1D",
+           "Poisson2DPieces", "Problem", "Wave1D", "get_problem", "relative_l2"]
 
 
 class MLP(paddle.nn.Layer):
@@ -165,15 +165,19 @@ def relative_l2(u: np.ndarray, u_hat: np.ndarray) -> float:
     return float(np.linalg.norm(u - u_hat) / np.linalg.norm(u))
 
 
+from .allen_cahn import AllenCahn1D  # noqa: E402
+from .convection import Convection1D  # noqa: E402
 from .gradnorm_toy import GradNormToy  # noqa: E402
 from .helmholtz import Helmholtz2D  # noqa: E402  (imported last: they build on Problem and MLP above)
 from .klein_gordon import KleinGordon1D  # noqa: E402
 from .poisson import Poisson1D  # noqa: E402
+from .poisson2d import Poisson2DPieces  # noqa: E402
 from .wave import Wave1D  # noqa: E402
 
 #: name -> problem class (the CLI's and configs' names)
 PROBLEMS = {"helmholtz": Helmholtz2D, "klein_gordon": KleinGordon1D, "poisson1d": Poisson1D, "wave1d": Wave1D,
-            "gradnorm_toy": GradNormToy}
+            "gradnorm_toy": GradNormToy, "convection1d": Convection1D, "allen_cahn1d": AllenCahn1D,
+            "poisson2d_pieces": Poisson2DPieces}
 
 
 def get_problem(name: str, **kwargs) -> Problem:
