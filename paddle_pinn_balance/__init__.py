@@ -7,17 +7,20 @@ PaddleScience's ``Solver(loss_aggregator=...)``.
 from .balancer import Balancer, Sum
 from .causal import CausalResidual, build_causal, causal_weights
 from .config import build_balancer
-from .grad_norm_ratio import GradNormRatio
-from .gradnorm import GradNorm, GradNormBalancer
-from .lr_annealing import LRAnnealing
-from .ntk import NTKWeighting
-from .relobralo import ReLoBRaLo
+from .grad_norm_ratio import GradNormRatio, grad_norm_ratio_weights
+from .gradnorm import GradNorm, GradNormBalancer, gradnorm_weight_gradient
+from .lr_annealing import LRAnnealing, lra_estimates
+from .ntk import NTKWeighting, ntk_trace_weights
+from .relobralo import ReLoBRaLo, relobralo_weights
 from .self_adaptive import SelfAdaptive
-from .softadapt import SoftAdapt
+from .softadapt import SoftAdapt, softadapt_weights
 from .surgery import ConFIG, PCGrad, UPGrad
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer", "GradNormRatio",
            "build_balancer", "ReLoBRaLo", "SoftAdapt", "UncertaintyWeighting", "CausalResidual", "causal_weights",
-           "build_causal", "PCGrad", "ConFIG", "UPGrad", "SelfAdaptive"]
+           "build_causal", "PCGrad", "ConFIG", "UPGrad", "SelfAdaptive",
+           # the methods' math as pure functions of arrays (the classes above hold state and call them)
+           "lra_estimates", "ntk_trace_weights", "gradnorm_weight_gradient", "grad_norm_ratio_weights",
+           "relobralo_weights", "softadapt_weights"]
 __version__ = "0.1.0"

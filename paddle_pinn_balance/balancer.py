@@ -378,6 +378,10 @@ class Balancer(paddle.nn.Layer):
     # * ``_update(values)``: update from statistics of its own (NTK traces).
     #
     # Both store raw estimates with :meth:`_set_weights`. A method with fixed weights overrides ``_total``.
+    # A class that reads ``G`` (defines ``_update_from_gradients`` or overrides ``_direction``) must declare
+    # ``needs_gradients = True`` in its class body (or inherit it): without it the base never takes ``G`` and
+    # the hooks would silently not run. A method that reads ``G`` in some modes only declares it and sets
+    # ``self.needs_gradients`` per instance (NTKWeighting).
     _UPDATE_HOOKS = ("_update_from_gradients", "_update")
 
     def __init_subclass__(cls, **kwargs):
@@ -385,6 +389,16 @@ class Balancer(paddle.nn.Layer):
         if cls._total is Balancer._total and not any(hasattr(cls, h) for h in Balancer._UPDATE_HOOKS):
             raise TypeError(f"{cls.__name__} must define `_update_from_gradients` (with needs_gradients=True) "
                             "or `_update`, or override `_total`")
+        reads = [h for h, defined in (("_update_from_gradients", hasattr(cls, "_update_from_gradients")),
+                                      ("_direction", cls._direction is not Balancer._direction)) if defined]
+        if reads and not cls.needs_gradients:
+            hooks = ", ".join(f"`{h}`" for h in reads)
+            raise TypeError(f"{cls.__name__} reads per-term gradients (it defines {hooks}) but does not declare "
+                            "`needs_gradients = True`; add it to the class body")
+        if (cls.needs_gradients and cls._total is Balancer._total
+                and not hasattr(cls, "_update_from_gradients")):
+            raise TypeError(f"{cls.__name__} declares `needs_gradients = True` but defines no "
+                            "`_update_from_gradients(losses, G)`")
 
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
         """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, or any

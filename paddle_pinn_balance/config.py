@@ -94,8 +94,8 @@ def build_balancer(config, model: Optional[paddle.nn.Layer] = None) -> Balancer:
     """Build a balancer from ``{"name": ..., **constructor keyword arguments}`` or a YAML file.
 
     ``name`` is a key of :data:`REGISTRY` (``sum``, ``lr_annealing``, ``grad_norm``, ``ntk``, ``grad_norm_ratio``,
-    ``relobralo``, ``softadapt``, ``uncertainty``, ``pcgrad``, ``conflict_free``, ``upgrad``). A YAML file may hold the mapping
-    at top level or under a ``balancer:`` key. Unknown names or keys raise ``ValueError`` listing the
+    ``relobralo``, ``softadapt``, ``uncertainty``, ``pcgrad``, ``conflict_free``, ``upgrad``). A YAML file may
+    hold the mapping at top level or under a ``balancer:`` key. Unknown names or keys raise ``ValueError`` listing the
     allowed ones; values are checked by the constructors. Nothing is evaluated.
 
     For ``grad_norm`` the model is wrapped in :class:`~paddle_pinn_balance.GradNorm` (unless it is one

@@ -49,6 +49,54 @@ def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
     return [matrices[-1]]
 
 
+def gradnorm_weight_gradient(norms: paddle.Tensor, losses: paddle.Tensor, initial_losses: paddle.Tensor,
+                             weights: paddle.Tensor, alpha: float, eps: float = 1e-8,
+                             has_initial: Optional[paddle.Tensor] = None) -> tuple:
+    r"""GradNorm's loss :math:`L_\mathrm{grad}` and its gradient with respect to the weights (all ``[T]``
+    vectors: ``norms`` :math:`\|\nabla_W L_i\|_2`, ``losses`` :math:`L_i(t)`, ``initial_losses``
+    :math:`L_i(0)`, ``weights`` :math:`w_i`):
+
+    .. math::
+
+        G_i = w_i \|\nabla_W L_i\|_2, \quad \bar G = \tfrac1T \textstyle\sum_i G_i, \quad
+        \tilde L_i = \frac{L_i(t)}{L_i(0) + \epsilon}, \quad
+        r_i = \frac{\tilde L_i}{\tfrac1T \sum_j \tilde L_j + \epsilon},
+
+    .. math::
+
+        L_\mathrm{grad} = \sum_i \big| G_i - \bar G\, r_i^{\alpha} \big|, \qquad
+        \frac{\partial L_\mathrm{grad}}{\partial w_i}
+            = \mathrm{sign}\big(G_i - \bar G\, r_i^{\alpha}\big)\, \|\nabla_W L_i\|_2
+
+    (Chen et al. 2018, eq. 2 and Algorithm 1; the target :math:`\bar G r_i^\alpha` is held constant, and
+    :math:`\partial G_i / \partial w_i = \|\nabla_W L_i\|_2` gives the closed form). ``eps`` is not in the
+    paper (it guards a zero :math:`L_i(0)` or ratio sum). ``has_initial`` (bool ``[T]``): terms whose
+    :math:`L_i(0)` is not taken yet (``False``) get :math:`\tilde L_i = 1`; ``None``: all taken.
+
+    Returns ``(L_grad, grad)``, detached. A non-finite entry of the gradient is replaced by 0 (that weight
+    does not move); ``L_grad`` stays as computed (NaN then). No host synchronisation.
+
+    Example: ``weights = [2, 0.5]``, ``norms = [1, 4]`` (:math:`G = [2, 2]`, :math:`\bar G = 2`),
+    ``losses = [2, 3]``, ``initial_losses = [2, 1]`` (:math:`\tilde L = [1, 3]`, :math:`r = [0.5, 1.5]`),
+    ``alpha = 2``, ``eps = 0``: targets ``[0.5, 4.5]``, ``L_grad = 1.5 + 2.5 = 4``, ``grad = [1, -4]``.
+    """
+    # every input is detached: the arithmetic below builds no graph
+    w = weights.detach()
+    norms = ops.cast(norms.detach(), w.dtype)
+    n = norms.shape[0]
+    G = w * norms
+    ratio = losses / ops.scale(initial_losses, 1.0, eps)
+    if has_initial is not None:  # ratio 1 for terms whose L_i(0) is not taken yet
+        ratio = ops.where(has_initial, ratio, ops.filled(n, 1.0, ratio))
+    r = ratio / ops.scale(ops.total(ratio), 1.0 / n, eps)
+    target = ops.scale(ops.total(G), 1.0 / n) * ops.pow(r, alpha)
+    diff = G - target
+    l_grad = ops.total(ops.abs(diff))
+    grad = ops.sign(diff) * norms
+    grad = ops.where(ops.isfinite(grad), grad, ops.filled(n, 0.0, grad))
+    return l_grad, grad
+
+
 class GradNormBalancer(Balancer):
     r"""GradNorm's learnable loss weights, as a balancer (``balancer(losses, step)``).
 
@@ -61,7 +109,8 @@ class GradNormBalancer(Balancer):
         \quad (\text{Chen et al. 2018, eq. 2 and Algorithm 1}),
 
     with the target :math:`\bar G r_i^\alpha` held constant, so that
-    :math:`\partial L_\mathrm{grad}/\partial w_i = \mathrm{sign}(G_i - \bar G r_i^\alpha)\,\|\nabla_W L_i\|_2`.
+    :math:`\partial L_\mathrm{grad}/\partial w_i = \mathrm{sign}(G_i - \bar G r_i^\alpha)\,\|\nabla_W L_i\|_2`
+    (:func:`gradnorm_weight_gradient`).
 
     The returned total has the value :math:`\sum_i w_i L_i`; its backward gives the network the gradient of
     :math:`\sum_i w_i L_i` (weights held constant) and gives ``loss_weights`` the gradient of
@@ -231,19 +280,10 @@ class GradNormBalancer(Balancer):
         return self._weight_gradient(self._current_losses(ops.stack([v.detach() for v in values])), norms)
 
     def _weight_gradient(self, current, norms) -> tuple:
-        # every input is detached: the arithmetic below builds no graph
-        w = self.loss_weights.detach()
-        norms = ops.cast(norms.detach(), w.dtype)
-        G = w * norms
-        ratio = current / ops.scale(self.initial_losses, 1.0, self.eps)
-        if not self._initial_complete:  # ratio 1 for terms whose L_i(0) is not taken yet
-            ratio = ops.where(self.has_initial_losses, ratio, ops.filled(self.n_loss, 1.0, ratio))
-        r = ratio / ops.scale(ops.total(ratio), 1.0 / self.n_loss, self.eps)
-        target = ops.scale(ops.total(G), 1.0 / self.n_loss) * ops.pow(r, self.alpha)
-        diff = G - target
-        l_grad = ops.total(ops.abs(diff))
-        grad = ops.sign(diff) * norms
-        grad = ops.where(ops.isfinite(grad), grad, ops.filled(self.n_loss, 0.0, grad))
+        """:func:`gradnorm_weight_gradient` with this balancer's weights and :math:`L_i(0)`; keeps L_grad."""
+        has_initial = None if self._initial_complete else self.has_initial_losses
+        l_grad, grad = gradnorm_weight_gradient(norms, current, self.initial_losses, self.loss_weights, self.alpha,
+                                                self.eps, has_initial)
         ops.assign_(l_grad, self.last_grad_norm_loss)
         return l_grad, grad
 

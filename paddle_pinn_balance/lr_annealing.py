@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -28,6 +29,86 @@ PRESETS = {
 }
 
 _DEFAULTS = dict(variant="siam", statistic="max", params="all", reduction="flat", update_freq=10)
+
+
+def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[paddle.Tensor] = None,
+                  variant: str = "siam", statistic: str = "max", reduction: str = "flat",
+                  segments: Optional[Segments] = None, eps: float = 1e-8) -> tuple:
+    r"""Learning-rate annealing estimates :math:`\hat\lambda` from the stacked per-term gradients.
+
+    ``G``: ``[K, P]``, row ``i`` is :math:`\nabla_\theta L_i` over the selected parameters; ``lambdas``: the
+    current weights ``[K]``; ``ref``: the row of the reference (PDE residual) term :math:`L_r` (an int), or
+    an int64 tensor of rows (several references: the numerator is the max of their statistics,
+    NeuralPDE.jl); ``free``: bool ``[K]``, the annealed terms (``None``: every row not in ``ref``).
+    With :math:`|\cdot|` elementwise, :math:`\overline{\,\cdot\,}` the mean over the entries, and
+    :math:`\lambda_i \ge 0` (so :math:`|\nabla(\lambda_i L_i)| = \lambda_i |\nabla L_i|`):
+
+    * ``variant="siam"`` (SIAM J. Sci. Comput. 2021, eqs. 2.30-2.31, Algorithm 2.1):
+
+      .. math:: \hat\lambda_i = \frac{\max_\theta |\nabla_\theta L_r|}
+                                    {\lambda_i\, \overline{|\nabla_\theta L_i|} + \epsilon}
+
+    * ``variant="arxiv"`` (arXiv:2001.04536v1, eqs. 40-42, Algorithm 1), no :math:`\lambda_i` inside:
+
+      .. math:: \hat\lambda_i = \frac{\max_\theta |\nabla_\theta L_r|}{\overline{|\nabla_\theta L_i|} + \epsilon}
+
+    * the authors' code (preset ``"wang2021_code"``: ``siam``, ``max``, ``G`` restricted to the weight
+      matrices :math:`W_1..W_S`, ``reduction="layer_mean"``; Helmholtz2D_model_tf.py,
+      Klein_Gordon_model_tf.py, no equation number: Algorithm 2.1 as coded):
+
+      .. math:: \hat\lambda_i = \frac{\max_\ell \max |\nabla_{W_\ell} L_r|}
+                {\lambda_i\, \frac1S \sum_{\ell=1}^S \overline{|\nabla_{W_\ell} L_i|} + \epsilon}
+
+    * ``reduction="layer_max_ratio"`` (the authors' lid-driven cavity script), over the layers the term
+      reaches: :math:`\hat\lambda_i = \max_\ell\, \max|\nabla_{W_\ell} L_r| /
+      (\lambda_i \overline{|\nabla_{W_\ell} L_i|} + \epsilon)` (``arxiv``: without :math:`\lambda_i`).
+    * ``statistic="mean"`` (PhysicsNeMo's code) puts :math:`\overline{|\nabla L_r|}` in the numerator,
+      ``statistic="norm"`` uses :math:`\|\nabla L_r\|_2` over :math:`\|\nabla L_i\|_2`
+      (:func:`~paddle_pinn_balance.gradients.ratio_statistics`).
+
+    ``segments`` (a :class:`~paddle_pinn_balance.gradients.Segments` of the parameter tensors behind the
+    columns of ``G``) is needed by the ``layer_*`` reductions. The smoothing
+    :math:`\lambda_i \leftarrow (1-\alpha)\lambda_i + \alpha\hat\lambda_i` (:math:`\alpha` 0.1 for
+    ``siam``, 0.9 for ``arxiv``) is not part of this function (:class:`LRAnnealing` applies it).
+
+    Returns ``(lambda_hat, den)``: the estimates ``[K]`` and each term's denominator statistic ``[K]``
+    (:math:`\overline{|\nabla L_i|}`; for ``layer_max_ratio`` its sum over the layers). Reference terms,
+    and terms whose denominator is 0 (gradient identically zero), get their current weight. A NaN or Inf
+    entry in ``G`` makes ``den`` of its row non-finite; the estimate may still be finite
+    (:math:`\max / \infty = 0`), so a caller must check both (:class:`LRAnnealing` skips the update).
+    Whole-array operations only: no host synchronisation.
+
+    Example: ``G = [[3, 4], [0, 1]]``, ``ref=0``, ``lambdas = [1, 2]``: the numerator is
+    :math:`\max(3, 4) = 4`, the denominator :math:`(0 + 1)/2 = 0.5`, so ``siam`` gives
+    :math:`4 / (2 \cdot 0.5) = 4` and ``arxiv`` :math:`4 / 0.5 = 8` for the second term (``eps=0``).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {list(VARIANTS)}; got {variant!r}")
+    if reduction != "flat" and segments is None:
+        raise ValueError(f"reduction={reduction!r} needs `segments` (the parameter tensors behind G's columns)")
+    lambda_inside = VARIANTS[variant][0]
+    num, den = ratio_statistics(G, statistic, reduction, segments)
+    k = G.shape[0]
+    if isinstance(ref, numbers.Integral):
+        num = ops.item(num, int(ref))
+        if free is None:
+            free = paddle.arange(k) != int(ref)
+    else:
+        ref = ref.reshape([-1]) if isinstance(ref, paddle.Tensor) else paddle.to_tensor(list(ref), dtype="int64")
+        num = paddle.index_select(num, ref, axis=0).max(axis=0)  # max over reference terms
+        if free is None:
+            free = (paddle.arange(k).unsqueeze(1) != ref.unsqueeze(0)).all(axis=1)
+    current = ops.cast(lambdas, G.dtype)
+    if reduction == "layer_max_ratio":
+        lam = current.unsqueeze(1)
+        connected = den != 0  # per layer: a layer the term does not reach gives no ratio
+        hat = num / ((lam * den if lambda_inside else den) + eps)
+        hat = paddle.where(connected, hat, paddle.zeros_like(hat)).max(axis=1)
+        den = den.sum(axis=1)
+    else:
+        hat = num / ((current * den if lambda_inside else den) + eps)
+    # NaN != 0 is True: a non-finite gradient reaches the estimate and the caller skips the update
+    return ops.where(free & ops.nonzero(den), hat, current), den
 
 
 class LRAnnealing(Balancer):
@@ -77,7 +158,7 @@ class LRAnnealing(Balancer):
     Example:
         >>> import paddle
         >>> from paddle_pinn_balance import LRAnnealing
-        >>> paddle.seed(0)
+        >>> _ = paddle.seed(0)
         >>> net = paddle.nn.Sequential(paddle.nn.Linear(1, 8), paddle.nn.Tanh(), paddle.nn.Linear(8, 1))
         >>> lra = LRAnnealing(net, ref="res", update_freq=10)
         >>> x = paddle.rand([16, 1])
@@ -89,9 +170,16 @@ class LRAnnealing(Balancer):
         ['bc', 'res']
 
     Note:
-        * The weights are computed from each term's own gradient over all trainable parameters, taken
-          once per update with ``paddle.grad``; the returned total's backward reuses them
-          (``assemble=True``). On other steps the call costs a weighted sum only.
+        * The math is :func:`lra_estimates` (the smoothing is the base class's ``momentum = 1 - alpha``).
+          On an update step the base class takes the stacked per-term gradients ``G`` once, over all
+          trainable parameters (the statistics read the columns of the ``params`` subset): with
+          ``assemble=True`` on one process by one ``backward()`` per term into ``.grad``, copied out row by
+          row, ``.grad`` restored as it was found and the graph freed
+          (:func:`~paddle_pinn_balance.gradients.term_gradients_by_backward`; together about the cost of
+          one backward of the sum), and the returned total's backward delivers :math:`\lambda^T G` without
+          a second backward; with ``assemble=False`` or data-parallel, with ``paddle.grad``
+          (:func:`~paddle_pinn_balance.gradients.term_gradients`). On other steps the call costs a
+          weighted sum only.
         * ``eps`` is not in the paper (it guards tiny denominators). A term whose gradient is identically
           zero (not connected to the selected parameters) keeps its weight instead of getting
           ``max / eps``; non-finite estimates skip the whole update (the previous weights are kept).
@@ -129,7 +217,7 @@ class LRAnnealing(Balancer):
         self.params = check_choice("params", chosen["params"], PARAM_SUBSETS)
         self.reduction = check_choice("reduction", chosen["reduction"], REDUCTIONS)
         self.preset = preset
-        self._lambda_inside, default_alpha = VARIANTS[self.variant]
+        default_alpha = VARIANTS[self.variant][1]
         self.alpha = default_alpha if alpha is None else check_float("alpha", alpha, 0.0, 1.0, low_open=True)
         if isinstance(ref, str):
             ref = [ref]
@@ -164,28 +252,11 @@ class LRAnnealing(Balancer):
         self._free = paddle.to_tensor([n not in self.ref for n in names])  # the annealed terms
 
     def estimates(self, G: paddle.Tensor, lambdas: paddle.Tensor) -> tuple:
-        r"""Raw estimates :math:`\hat\lambda` from stacked per-term gradients ``G`` (``[K, P]``), and the
-        per-term denominator statistic.
-
-        Reference terms, and terms whose gradient is zero (not connected to the selected parameters),
-        keep their current weight (1 for the references). Pure function of its inputs.
-        """
-        num, den = ratio_statistics(G, self.statistic, self.reduction, self._segments)
-        if len(self.ref) == 1:
-            num = ops.item(num, self._ref_position)
-        else:
-            num = paddle.index_select(num, self._ref_index, axis=0).max(axis=0)  # max over reference terms
-        current = ops.cast(lambdas, G.dtype)
-        if self.reduction == "layer_max_ratio":
-            lam = current.unsqueeze(1)
-            connected = den != 0  # per layer: a layer the term does not reach gives no ratio
-            hat = num / ((lam * den if self._lambda_inside else den) + self.eps)
-            hat = paddle.where(connected, hat, paddle.zeros_like(hat)).max(axis=1)
-            den = den.sum(axis=1)
-        else:
-            hat = num / ((current * den if self._lambda_inside else den) + self.eps)
-        # NaN != 0 is True: a non-finite gradient reaches the estimate and the base skips the update
-        return ops.where(self._free & ops.nonzero(den), hat, current), den
+        """:func:`lra_estimates` with this balancer's settings: ``(lambda_hat, den)`` from ``G`` (``[K, P]``,
+        the columns of the selected parameters)."""
+        ref = self._ref_position if len(self.ref) == 1 else self._ref_index
+        return lra_estimates(G, lambdas, ref, self._free, self.variant, self.statistic, self.reduction,
+                             self._segments, self.eps)
 
     def _clip(self, w):
         """Bounds apply to the annealed weights only: the reference terms keep weight 1."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -18,6 +19,28 @@ MODES = ("trace", "grad_norm")
 NTK_REDUCTIONS = ("sum", "mean")
 
 
+def ntk_trace_weights(traces: paddle.Tensor, counts: paddle.Tensor | None = None) -> paddle.Tensor:
+    r"""NTK trace weights from the per-term traces :math:`\operatorname{Tr}(K_{ii})` (shape ``[K]``):
+
+    .. math:: \hat\lambda_i = \frac{\sum_j \operatorname{Tr}(K_{jj})}{\operatorname{Tr}(K_{ii})}
+        \quad (\text{Wang, Yu, Perdikaris, JCP 2022, Sec. 6, Algorithm 1}),
+
+    with :math:`\operatorname{Tr}(K_{ii}) = \sum_{p=1}^{N_i} \|\partial f_i(x_p)/\partial\theta\|_2^2`.
+    ``counts``: the point counts :math:`N_i`; given, the traces are replaced by the means of the NTK
+    diagonals :math:`\operatorname{Tr}(K_{ii})/N_i` first (jaxpi; ``NTKWeighting(reduction="mean")``, which
+    passes the means directly).
+
+    If any trace is non-finite or not positive, every weight is NaN (a caller's non-finite guard then
+    keeps all weights, as :class:`NTKWeighting` does). Whole-array operations only: no host synchronisation.
+
+    Example: traces ``[1, 3]`` give ``[4, 4/3]``; with counts ``[1, 3]`` (means ``[1, 1]``) ``[2, 2]``.
+    """
+    s = traces if counts is None else traces / ops.cast(counts, traces.dtype)
+    w = ops.total(s) / s
+    ok = ops.all_finite(s) & paddle.all(s > 0)
+    return ops.where(ok, w, ops.filled(s.shape[0], math.nan, w))
+
+
 class NTKWeighting(Balancer):
     r"""NTK weighting: each term's weight is the total NTK trace over the trace of its own NTK block.
 
@@ -30,7 +53,7 @@ class NTKWeighting(Balancer):
 
     .. math:: \lambda_i \leftarrow m\,\lambda_i + (1 - m)\,\hat\lambda_i ,
 
-    where
+    where (:func:`ntk_trace_weights` computes the estimate)
 
     * :math:`f_i(x_p)`: entry ``p`` of ``kernels[i](model)``, the per-point quantity of term ``i`` (network
       output for a Dirichlet term, PDE residual for the residual term, ...), on the kernel's own points
@@ -111,6 +134,10 @@ class NTKWeighting(Balancer):
         S. Wang, X. Yu, P. Perdikaris. When and why PINNs fail to train: a neural tangent kernel perspective.
         J. Comput. Phys. 449:110768, 2022.
     """
+
+    #: ``mode="grad_norm"`` reads the per-term gradients (``_update_from_gradients``); each instance sets
+    #: its own flag in ``__init__`` (False for ``mode="trace"``, whose statistics are the kernels' traces).
+    needs_gradients = True
 
     def __init__(
         self,
@@ -194,8 +221,8 @@ class NTKWeighting(Balancer):
 
     @staticmethod
     def estimates(stats: paddle.Tensor) -> paddle.Tensor:
-        r"""Raw weights :math:`\hat\lambda_i = \sum_j s_j / s_i` from per-term statistics ``s`` (shape ``[K]``)."""
-        return ops.total(stats) / stats
+        """Raw weights from per-term statistics (shape ``[K]``): :func:`ntk_trace_weights`."""
+        return ntk_trace_weights(stats)
 
     def compute_traces(self) -> paddle.Tensor:
         """Per-term traces (``reduction`` applied), shape ``[K]``, from the kernels; sets ``last_paths``."""
@@ -232,9 +259,7 @@ class NTKWeighting(Balancer):
         if bad:
             warnings.warn(f"NTKWeighting: non-finite or zero trace for term(s) {bad}; the weights are kept",
                           stacklevel=3)
-            raw = paddle.full_like(stats, float("nan"))  # the non-finite guard keeps every weight
-        else:
-            raw = self.estimates(stats)
+        raw = ntk_trace_weights(stats)  # all NaN when a trace is bad: the non-finite guard keeps every weight
         with paddle.no_grad():
             old = self.traces_buf
             new = stats.astype(old.dtype)
