@@ -12,7 +12,10 @@ Every balancer already has the shape of a PaddleScience loss aggregator: the sol
   (a dict, an omegaconf ``DictConfig`` or a whole Hydra config), with ``loss_names`` filled in from the
   constraints (so a checkpoint for other terms is refused when the solver loads it) and, for ``ntk``,
   kernels built from the constraints. For ``grad_norm`` the model comes back wrapped
-  (:class:`~paddle_pinn_balance.GradNorm`): build the optimizer from it, so that ``loss_weights`` train.
+  (:class:`~paddle_pinn_balance.GradNorm`), the model to give the solver.
+* :func:`optimizer_layers`: the layers to build the solver's optimizer from (the network plus learned loss
+  weights, each once), and :func:`attach_weight_optimizer`: GradNorm's weights on an optimizer of their own,
+  for L-BFGS in the Solver.
 * :func:`constraint_kernels`: NTK kernels ``kernel(model) -> Tensor[N]`` from the constraints' own output
   expressions and points (no residual written twice), and :func:`ntk_model`, the model to give
   :class:`~paddle_pinn_balance.NTKWeighting` so that the traces take the fast (expanded) path.
@@ -29,12 +32,13 @@ import numpy as np
 import paddle
 
 from .balancer import Balancer
+from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
 from .gradnorm import GradNorm
 from .per_point import _Unsupported
 
-__all__ = ["to_container", "balancer_config", "loss_names", "build_for_solver", "constraint_kernels",
-           "ntk_model", "attach_logging"]
+__all__ = ["to_container", "balancer_config", "loss_names", "build_for_solver", "optimizer_layers",
+           "attach_weight_optimizer", "constraint_kernels", "ntk_model", "attach_logging"]
 
 #: Keys of a ``ntk`` config block read here (not by :class:`~paddle_pinn_balance.NTKWeighting`).
 NTK_ADAPTER_KEYS = ("max_points", "fast", "point_weights")
@@ -129,23 +133,28 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
             and ``point_weights`` (see :func:`constraint_kernels`).
         model: the PaddleScience network.
         constraints: the solver's constraint dict. When given, ``loss_names`` defaults to
-            :func:`loss_names` ``(constraints)`` and ``ntk`` (``mode: trace``) gets its kernels from them.
+            :func:`loss_names` ``(constraints)`` for every method (so its state, and the parameters of
+            ``uncertainty``, exist before the optimizer is built and before a checkpoint loads), and ``ntk``
+            (``mode: trace``) gets its kernels from them.
 
     Returns:
         ``(model, balancer)``. For ``grad_norm`` the model is the :class:`~paddle_pinn_balance.GradNorm`
-        wrapper: give it to the solver AND build the optimizer from it (``ppsci.optimizer.Adam(lr)(model)``)
-        so that the loss weights train and are saved with the model. Otherwise the model is returned as is.
+        wrapper (give it to the solver); otherwise the model is returned as is. Build the solver's optimizer
+        from :func:`optimizer_layers` ``(model, balancer)``: ``ppsci.optimizer.Adam(lr)(optimizer_layers(model,
+        balancer))``, so that learned weights (GradNorm's ``loss_weights``, uncertainty's ``log_vars``) train.
     """
     cfg = balancer_config(cfg)
     name = cfg.get("name")
-    if constraints is not None and "loss_names" not in cfg and name in ("sum", "lr_annealing", "grad_norm", "ntk"):
-        cfg["loss_names"] = loss_names(constraints)
+    if constraints is not None and "loss_names" not in cfg and name in REGISTRY and "loss_names" in allowed_keys(name):
+        cfg["loss_names"] = loss_names(constraints)  # every method: state (and parameters) exist before training
     if name == "ntk":
         opts = {k: cfg.pop(k) for k in NTK_ADAPTER_KEYS if k in cfg}
         if cfg.get("mode", "trace") == "trace" and "kernels" not in cfg:
             if constraints is None:
                 raise ValueError("`ntk` with mode 'trace' needs the constraints (to build its kernels) or `kernels`")
             fast = bool(opts.pop("fast", True))
+            if not fast:
+                cfg.setdefault("path", "loop")  # asked for: the per-point loop, without the slow-path warning
             cfg["kernels"] = constraint_kernels(constraints, model, **opts)
             return model, _core_build_balancer(cfg, ntk_model(model) if fast else _unwrap(model))
         if opts:
@@ -159,6 +168,98 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
 
 def _unwrap(model):
     return model.net if isinstance(model, GradNorm) else model
+
+
+def optimizer_layers(model: paddle.nn.Layer, balancer: Balancer, lbfgs: bool = False) -> tuple:
+    """The layers to build the solver's optimizer from: ``ppsci.optimizer.Adam(lr)(optimizer_layers(model, b))``.
+
+    ``model``, ``balancer``: what :func:`build_for_solver` returned. Every trainable tensor comes once
+    (ppsci's optimizers concatenate ``parameters()`` of the layers, so ``(wrapper, balancer)`` would list
+    GradNorm's weights twice):
+
+    * ``grad_norm``: ``(wrapper,)``: the network and ``loss_weights``. With ``lbfgs=True``: ``(net,)`` only;
+      GradNorm's weights follow their own objective :math:`L_\\mathrm{grad}`, not the total that L-BFGS
+      minimises (in L-BFGS they diverge), so give them a first-order optimizer of their own with
+      :func:`attach_weight_optimizer` (without it they stay at their initial values).
+    * ``uncertainty``: ``(model, balancer)``: the network and ``log_vars`` (the total is one objective of both,
+      so L-BFGS takes both too).
+    * every other method: ``(model,)`` (no parameters of its own).
+
+    Raises ``ValueError`` for a balancer with learned weights whose names (hence parameters) are not known
+    yet: pass the constraints (or ``loss_names``) to :func:`build_for_solver`.
+    """
+    if not isinstance(balancer, Balancer):
+        raise ValueError(f"optimizer_layers needs a paddle_pinn_balance balancer; got {type(balancer).__name__}")
+    if balancer.learns_weights and balancer.loss_names is None and not balancer.parameters():
+        raise ValueError(f"{type(balancer).__name__} has no parameters yet (its loss names are unknown): build it "
+                         "with the constraints (build_for_solver(cfg, model, constraints)) or `loss_names`")
+    if isinstance(model, GradNorm):
+        if model.aggregator is not balancer:
+            raise ValueError("`model` is a GradNorm wrapper of another balancer")
+        return (model.net,) if lbfgs else (model,)
+    own = {id(p) for p in model.parameters()}
+    extra = [p for p in balancer.parameters() if id(p) not in own]
+    return (model, balancer) if extra else (model,)
+
+
+class _WeightOptimizer:
+    """Steps GradNorm's weights with their own optimizer once per solver step (see attach_weight_optimizer)."""
+
+    def __init__(self, balancer, optimizer):
+        self.balancer, self.optimizer = balancer, optimizer
+        self.pending = None  # (step, dL_grad/dw) of the last update step, not applied yet
+        self.handles = []
+
+    def grad_hook(self, grad):  # runs when a backward delivers the weight gradient (update calls only)
+        self.pending = (self.balancer._host.get("last_update_step"), grad.detach().clone())
+        return None
+
+    def pre_hook(self, layer, inputs):
+        b = self.balancer
+        step = inputs[1] if len(inputs) > 1 and inputs[1] is not None else b._host["calls"]
+        if self.pending is None or int(step) == self.pending[0]:
+            return None  # nothing to apply, or another evaluation of the same step (L-BFGS closure)
+        w, grad = b.loss_weights, self.pending[1]
+        self.pending = None
+        w.clear_gradient(False)
+        w.grad = grad.astype(w.dtype)
+        self.optimizer.step()
+        self.optimizer.clear_grad(set_to_zero=False)
+        b._renormalise()  # sum w = T before this step reads them (as after the solver's own optimizer step)
+        return None
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def attach_weight_optimizer(balancer: Balancer, optimizer) -> _WeightOptimizer:
+    """Train GradNorm's ``loss_weights`` with their own optimizer, once per solver step (L-BFGS in the Solver).
+
+    For a solver optimizer that must not hold the weights (L-BFGS, built from ``optimizer_layers(model,
+    balancer, lbfgs=True)``): ``optimizer`` is a first-order Paddle optimizer over ``[balancer.loss_weights]``
+    only, e.g. ``paddle.optimizer.Adam(0.01, parameters=[balancer.loss_weights])``. The gradient of
+    :math:`L_\\mathrm{grad}` that the update call's total delivers (the first closure evaluation of a step)
+    is kept, and ``optimizer.step()`` is applied to it at the first aggregator call of the next step,
+    followed by GradNorm's renormalisation: every closure evaluation of one L-BFGS step sees the same
+    weights, and step ``t + 1`` uses the weights stepped from step ``t``'s :math:`L_\\mathrm{grad}`, as with
+    a first-order solver optimizer holding them. The step pending after the last training step is not
+    applied (nor saved: a resumed run starts without it; the optimizer's own state is not checkpointed).
+
+    Returns:
+        A handle (``handle.remove()`` detaches it).
+    """
+    w = getattr(balancer, "loss_weights", None)
+    if not isinstance(balancer, Balancer) or not isinstance(w, paddle.Tensor) or not hasattr(balancer, "_renormalise"):
+        raise ValueError(f"attach_weight_optimizer applies to GradNorm's balancer; got {type(balancer).__name__}")
+    params = list(getattr(optimizer, "_parameter_list", None) or [])
+    flat = [q for g in params for q in (g["params"] if isinstance(g, dict) else [g])]
+    if len(flat) != 1 or flat[0] is not w:
+        raise ValueError("`optimizer` must hold exactly `balancer.loss_weights` (parameters=[balancer.loss_weights])")
+    hook = _WeightOptimizer(balancer, optimizer)
+    hook.handles = [w.register_hook(hook.grad_hook), balancer.register_forward_pre_hook(hook.pre_hook)]
+    return hook
 
 
 # --------------------------------------------------------------------------- NTK kernels
