@@ -4,7 +4,7 @@ Every balancer is called as ``balancer({name: scalar loss}, step) -> weighted to
 PaddleScience's ``Solver(loss_aggregator=...)``.
 """
 
-from .balancer import Balancer, Sum
+from .balancer import Balancer, BalanceWarning, Sum
 from .causal import CausalResidual, build_causal, causal_weights
 from .config import build_balancer
 from .grad_norm_ratio import GradNormRatio, grad_norm_ratio_weights
@@ -17,9 +17,9 @@ from .softadapt import SoftAdapt, softadapt_weights
 from .surgery import ConFIG, PCGrad, UPGrad
 from .uncertainty import UncertaintyWeighting
 
-__all__ = ["Balancer", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer", "GradNormRatio",
-           "build_balancer", "ReLoBRaLo", "SoftAdapt", "UncertaintyWeighting", "CausalResidual", "causal_weights",
-           "build_causal", "PCGrad", "ConFIG", "UPGrad", "SelfAdaptive",
+__all__ = ["Balancer", "BalanceWarning", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer",
+           "GradNormRatio", "build_balancer", "ReLoBRaLo", "SoftAdapt", "UncertaintyWeighting", "CausalResidual",
+           "causal_weights", "build_causal", "PCGrad", "ConFIG", "UPGrad", "SelfAdaptive",
            # the methods' math as pure functions of arrays (the classes above hold state and call them)
            "lra_estimates", "ntk_trace_weights", "gradnorm_weight_gradient", "grad_norm_ratio_weights",
            "relobralo_weights", "softadapt_weights"]

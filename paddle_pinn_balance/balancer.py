@@ -40,7 +40,13 @@ from .gradients import (
     world_size,
 )
 
-__all__ = ["Balancer", "Sum"]
+__all__ = ["Balancer", "BalanceWarning", "Sum"]
+
+
+class BalanceWarning(RuntimeWarning, UserWarning):
+    """The category of every warning this package gives (skipped updates, slow paths): filter it with
+    ``warnings.simplefilter("ignore", BalanceWarning)``; the test suite turns it into an error (a test that
+    expects one says so with ``pytest.warns``)."""
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -358,10 +364,10 @@ class Balancer(paddle.nn.Layer):
         if nonfinite:
             warnings.warn(f"{type(self).__name__}: non-finite gradient for term(s) {nonfinite} in the last "
                           f"{self.check_every or 'few'} update(s); those updates were skipped and the previous "
-                          "weights kept", RuntimeWarning, stacklevel=3)
+                          "weights kept", BalanceWarning, stacklevel=3)
         if zero:
             warnings.warn(f"{type(self).__name__}: term(s) {zero} have an identically zero gradient (not "
-                          "connected to the parameters?); their weights were kept", RuntimeWarning, stacklevel=3)
+                          "connected to the parameters?); their weights were kept", BalanceWarning, stacklevel=3)
         return out
 
     #: Methods whose statistics read per-term parameter gradients set this, and `_params`.

@@ -133,7 +133,9 @@ class LRAnnealing(Balancer):
     * ``ref``: the residual term(s) :math:`L_r`; several (``ref=["res_u", "res_v"]``) take the max of
       their statistics (NeuralPDE.jl).
     * ``variant``: ``"siam"`` (lambda inside, :math:`\alpha = 0.1`) or ``"arxiv"`` (no lambda,
-      :math:`\alpha = 0.9`); ``alpha`` overrides the variant's :math:`\alpha`.
+      :math:`\alpha = 0.9`); ``alpha`` overrides the variant's :math:`\alpha`. ``momentum`` is the same
+      setting under the name every other balancer uses for its smoothing rate: ``momentum = 1 - alpha``
+      (give one of the two).
     * ``statistic``: numerator ``"max"`` (paper), ``"mean"`` (PhysicsNeMo's code:
       :math:`\overline{|\nabla L_r|}/\overline{|\nabla L_i|}`), or ``"norm"``
       (:math:`\|\nabla L_r\|_2/\|\nabla L_i\|_2`).
@@ -168,6 +170,8 @@ class LRAnnealing(Balancer):
         ...     total.backward()
         >>> sorted(lra.weights)
         ['bc', 'res']
+        >>> {n: round(w, 3) for n, w in lra.weights.items()}
+        {'res': 1.0, 'bc': 0.86}
 
     Note:
         * The math is :func:`lra_estimates` (the smoothing is the base class's ``momentum = 1 - alpha``).
@@ -195,6 +199,7 @@ class LRAnnealing(Balancer):
         ref: Union[str, Sequence[str]] = "res",
         variant: Optional[str] = None,
         alpha: Optional[float] = None,
+        momentum: Optional[float] = None,
         statistic: Optional[str] = None,
         params: Optional[str] = None,
         reduction: Optional[str] = None,
@@ -218,6 +223,12 @@ class LRAnnealing(Balancer):
         self.reduction = check_choice("reduction", chosen["reduction"], REDUCTIONS)
         self.preset = preset
         default_alpha = VARIANTS[self.variant][1]
+        if alpha is not None and momentum is not None:
+            raise ValueError(f"give `alpha` (the paper's name: the new estimate's share) or `momentum` "
+                             f"(= 1 - alpha, the old weight's share, as every other balancer names it), not both; "
+                             f"got alpha={alpha!r}, momentum={momentum!r}")
+        if momentum is not None:
+            alpha = 1.0 - check_float("momentum", momentum, 0.0, 1.0, high_open=True)
         self.alpha = default_alpha if alpha is None else check_float("alpha", alpha, 0.0, 1.0, low_open=True)
         if isinstance(ref, str):
             ref = [ref]

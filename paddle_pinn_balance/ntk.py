@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 
 from . import ops
-from .balancer import Balancer, check_choice, check_int
+from .balancer import Balancer, BalanceWarning, check_choice, check_int
 from .grad_norm_ratio import grad_norm_ratio_weights
 from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
@@ -117,6 +117,8 @@ class NTKWeighting(Balancer):
         ...     opt.clear_grad()
         >>> ntk.last_path, sorted(ntk.traces())
         ('expanded', ['bc', 'res'])
+        >>> {n: round(w, 3) for n, w in ntk.weights.items()}
+        {'res': 1.704, 'bc': 2.421}
 
     Note:
         * The traces are kept in the ``traces_buf`` buffer (saved in ``state_dict``); ``traces()`` returns
@@ -236,7 +238,7 @@ class NTKWeighting(Balancer):
                 warnings.warn(f"NTKWeighting: term {name!r} uses the exact per-point loop (one backward per point): "
                               "the fast path supports a paddle.nn.Sequential of Linear layers and elementwise "
                               "activations, and kernels that only call model(x) with one row per point",
-                              stacklevel=3)
+                              BalanceWarning, stacklevel=3)
             out.append(paddle.stack([sq.sum(), paddle.full([], sq.shape[0], dtype=sq.dtype)]).astype("float64"))
         sums, counts = sum_across_ranks(paddle.stack(out)).unbind(axis=1)  # data-parallel: the union's points
         return sums if self.reduction == "sum" else sums / counts
@@ -258,7 +260,7 @@ class NTKWeighting(Balancer):
         bad = [n for n, s in zip(self._names, host) if not np.isfinite(s) or s <= 0.0]
         if bad:
             warnings.warn(f"NTKWeighting: non-finite or zero trace for term(s) {bad}; the weights are kept",
-                          stacklevel=3)
+                          BalanceWarning, stacklevel=3)
         raw = ntk_trace_weights(stats)  # all NaN when a trace is bad: the non-finite guard keeps every weight
         with paddle.no_grad():
             old = self.traces_buf

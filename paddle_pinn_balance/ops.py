@@ -551,12 +551,13 @@ def clip(x: paddle.Tensor, low: float, high: float) -> paddle.Tensor:
 
 
 def minimum(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
-    """Elementwise minimum (``paddle.minimum``'s handling of NaN)."""
+    """Elementwise minimum. NaN handling is ``paddle.minimum``'s, which drops a NaN in one argument in some
+    Paddle versions: do not rely on it to propagate NaN (the base class tracks non-finite values by a sum)."""
     return _minimum(x, y)
 
 
 def maximum(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
-    """Elementwise maximum (``paddle.maximum``'s handling of NaN)."""
+    """Elementwise maximum; NaN handling as :func:`minimum` (not to be relied on)."""
     return _maximum(x, y)
 
 

@@ -27,8 +27,8 @@ import json
 import os
 import sys
 
+from .balancer import check_int
 from .plots import plot_comparison, plot_curves, plot_run
-from .train import check_int
 
 __all__ = ["DEFAULT_ITERS", "DEMO", "UsageError", "check_balancers", "demo", "find_results", "load_benchmark",
            "read_yaml", "report", "report_rows", "report_table", "run", "select_methods", "text_table"]
@@ -66,7 +66,7 @@ def _fail(path, message, command="run"):
 
 def _is_int(value, minimum=1) -> bool:
     try:
-        check_int(value, "value", minimum)
+        check_int("value", value, minimum)
     except ValueError:
         return False
     return True

@@ -65,6 +65,8 @@ class SoftAdapt(Balancer):
         ...     total = bal({"res": paddle.to_tensor(1.0 / (step + 1)), "bc": paddle.to_tensor(2.0)}, step)
         >>> bal.weights["bc"] > bal.weights["res"]
         True
+        >>> {n: round(w, 4) for n, w in bal.weights.items()}  # softmax of [1/3 - 1/2, 0]: e^(-1/6) / (e^(-1/6) + 1)
+        {'res': 0.4584, 'bc': 0.5416}
 
     Note:
         The rate of change is taken between update calls (every ``update_freq`` steps), on the minibatch

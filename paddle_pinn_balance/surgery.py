@@ -174,6 +174,8 @@ class PCGrad(_Surgery):
         >>> for step in range(3):
         ...     total = pc({"a": (net(x) - 1).pow(2).mean(), "b": (net(x) + 1).pow(2).mean()}, step)
         ...     total.backward()
+        >>> pc.weights  # surgery changes the direction, not the weights: the value is sum_i L_i
+        {'a': 1.0, 'b': 1.0}
 
     Note:
         One order for all terms per step (the paper's code shuffles per term; equal in law for 2 terms).

@@ -39,9 +39,9 @@ import statistics
 import sys
 import time
 
+from .balancer import check_int
 from .plots import plot_heatmap
 from .runner import _fail, read_yaml
-from .train import check_int
 
 __all__ = ["load_table", "run_table", "summarise", "table_text"]
 
@@ -52,7 +52,7 @@ _METHOD_KEYS = {"label", "title", "balancer", "note"}
 
 def _int(value, minimum) -> bool:
     try:
-        check_int(value, "value", minimum)
+        check_int("value", value, minimum)
     except ValueError:
         return False
     return True

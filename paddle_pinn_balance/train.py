@@ -12,9 +12,10 @@ import time
 
 import numpy as np
 
+from .balancer import check_int
 from .config import REGISTRY, allowed_keys, build_balancer, load_config
 
-__all__ = ["check_int", "problem_balancer", "train", "trainable_parameters"]
+__all__ = ["problem_balancer", "train", "trainable_parameters"]
 
 
 def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | None = None,
@@ -43,11 +44,11 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         ``weight`` per term, ``rel_l2`` and ``lr`` at the log points) and ``model`` (the trained network; not
         JSON-serialisable, drop it before saving).
     """
-    check_int(iters, "iters", 1)
-    check_int(seed, "seed", 0)
+    check_int("iters", iters, 1)
+    check_int("seed", seed, 0)
     if log_every is None:
         log_every = max(1, iters // 100)
-    check_int(log_every, "log_every", 1)
+    check_int("log_every", log_every, 1)
     config = load_config(balancer_config)
 
     model = problem.build_model(seed)
@@ -106,17 +107,6 @@ def trainable_parameters(net, balancer) -> list:
             params.append(p)
             seen.add(id(p))
     return params
-
-
-def check_int(value, name: str, minimum: int) -> int:
-    """``value`` if it is an integer (not a bool) ``>= minimum``, else ``ValueError`` naming ``name``.
-
-    The one integer check of the package: the training loop's arguments, the YAML files' ``iters``, ``seeds``,
-    ``log_every`` and the command line's integer options all go through it.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def problem_balancer(problem, balancer_config, model, seed: int = 0):

@@ -48,6 +48,8 @@ class UncertaintyWeighting(Balancer):
         ...     total.backward(); opt.step(); opt.clear_grad()
         >>> bal.weights["bc"] > bal.weights["res"]
         True
+        >>> {n: round(w, 4) for n, w in bal.weights.items()}  # 1 / (2 sigma^2): 0.5 e^(-0.3), 0.5 e^(0.3) after Adam
+        {'res': 0.3712, 'bc': 0.6746}
 
     Note:
         * PhysicsNeMo's ``HomoscedasticUncertainty`` adds :math:`s` to the optimizer and states that L-BFGS

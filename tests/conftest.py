@@ -9,9 +9,24 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
 paddle.set_device("cpu")
 
+# PADDLE_PINN_BALANCE_DTYPE=float64 runs the suite with float64 as Paddle's default dtype.
+DTYPE = os.environ.get("PADDLE_PINN_BALANCE_DTYPE", "float32")
+if DTYPE not in ("float32", "float64"):
+    raise ValueError(f"PADDLE_PINN_BALANCE_DTYPE must be float32 or float64; got {DTYPE!r}")
+paddle.set_default_dtype(DTYPE)
+
+# Warnings of our own package (category BalanceWarning) are errors in tests (pytest.ini); a test that expects
+# one catches it with `pytest.warns`.
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     paddle.seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _doctest_seed(doctest_namespace):
+    doctest_namespace["paddle"] = paddle
+    doctest_namespace["np"] = np

@@ -161,6 +161,7 @@ def test_every_benchmark_is_listed():
             "wave1d_full.yaml", "wave1d_small.yaml", "gradnorm_toy.yaml", "helmholtz2d_gradnorm.yaml"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", BENCHMARKS, ids=[os.path.basename(p) for p in BENCHMARKS])
 def test_benchmark_smoke(path, tmp_path, capsys):
     out = tmp_path / "run"
@@ -182,6 +183,7 @@ def test_benchmark_smoke(path, tmp_path, capsys):
     assert data["plots"] == []
 
 
+@pytest.mark.slow
 def test_run_one_method_several_seeds_and_report(tmp_path, capsys):
     path = os.path.join(ROOT, "examples", "benchmarks", "poisson1d_adam.yaml")
     a, b = tmp_path / "a", tmp_path / "b"
@@ -217,6 +219,7 @@ def test_run_one_method_several_seeds_and_report(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "r2")]) == 0
 
 
+@pytest.mark.slow
 def test_lra_beats_plain_on_helmholtz_after_a_short_run(tmp_path):
     """The one real-effect check: same seed, same batches; LRA's error ends below plain's."""
     path = os.path.join(ROOT, "examples", "benchmarks", "helmholtz2d.yaml")
@@ -295,6 +298,7 @@ def _run_benchmark(name, *args):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_step_overhead_benchmark_runs(tmp_path):
     """The cost benchmark end to end (a tiny run: the numbers themselves are not asserted)."""
     out = tmp_path / "step.json"
@@ -306,6 +310,7 @@ def test_step_overhead_benchmark_runs(tmp_path):
     assert all(r["ratio"] > 0 and r["peak_mb"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_solver_overhead_benchmark_runs(tmp_path):
     pytest.importorskip("ppsci")
     out = tmp_path / "solver.json"

@@ -156,6 +156,7 @@ def test_train_rejects_bad_arguments():
 # ------------------------------------------------------------------ command line
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--iters", "30", "--out", str(out)]) == 0

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test spawns two processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = ["sum", "lra_siam", "lra_code", "lra_norm", "gradnorm", "lra_clear_before", "ntk_trace",
          "ntk_mean", "ntk_grad_norm"]

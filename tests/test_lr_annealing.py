@@ -243,3 +243,23 @@ def test_ref_must_be_a_loss_name():
     lra = LRAnnealing(make_net(), ref="pde")
     with pytest.raises(ValueError, match="pde"):
         lra(paddle_losses(make_net(), make_data()), 0)
+
+
+def test_momentum_is_the_papers_alpha_under_the_shared_name():
+    """``momentum`` (every balancer's smoothing name) = 1 - ``alpha`` (the LRA paper's): same weights."""
+    def run(**kw):
+        paddle.seed(3)
+        net = paddle.nn.Sequential(paddle.nn.Linear(1, 6), paddle.nn.Tanh(), paddle.nn.Linear(6, 1))
+        lra = LRAnnealing(net, ref="res", update_freq=1, **kw)
+        x = paddle.linspace(0, 1, 8).reshape([-1, 1])
+        for step in range(3):
+            lra({"res": net(x).pow(2).mean(), "bc": (net(x[:1]) - 1).pow(2).mean() * 1e-3}, step).backward()
+        return lra.weights["bc"]
+
+    assert run(momentum=0.25) == run(alpha=0.75) != run(alpha=0.5)
+    lra = LRAnnealing(paddle.nn.Linear(1, 1), momentum=0.25)
+    assert lra.alpha == 0.75 and lra.momentum == 0.25
+    with pytest.raises(ValueError, match="not both"):
+        LRAnnealing(paddle.nn.Linear(1, 1), alpha=0.5, momentum=0.5)
+    with pytest.raises(ValueError, match="momentum"):
+        LRAnnealing(paddle.nn.Linear(1, 1), momentum=1.0)

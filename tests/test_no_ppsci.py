@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CODE = """
@@ -27,6 +29,7 @@ print("ok", sorted(ppb.__all__))
 """
 
 
+@pytest.mark.slow
 def test_core_runs_without_paddlescience():
     out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**os.environ, "PYTHONPATH": ROOT})

@@ -382,6 +382,7 @@ def test_weights_appear_in_the_training_log_and_writer(name, tmp_path, caplog):
     handle.remove()
 
 
+@pytest.mark.slow
 def test_example_script_runs(tmp_path):
     pytest.importorskip("hydra")
     import os

@@ -194,6 +194,7 @@ def test_one_non_finite_gradient_entry_skips_the_update(kind, bad, row):
     assert bal.weights == before
 
 
+@pytest.mark.slow
 def test_config_fuzzing_raises_only_clear_value_errors():
     """Every key of every balancer with hostile values: it builds, or raises ValueError naming the key."""
     rng = np.random.default_rng(0)
