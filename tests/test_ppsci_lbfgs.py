@@ -103,3 +103,62 @@ def test_lbfgs_sum_equals_ppsci_sum_aggregation(tmp_path):
     assert int(agg.num_calls.numpy()[0]) > STEPS
     for (k, p), (_, q) in zip(ours.model.state_dict().items(), plain.model.state_dict().items()):
         np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["lr_annealing", "grad_norm_ratio", "ntk_grad_norm"])
+def test_lbfgs_trains_like_the_plain_weighted_sum(name, tmp_path):
+    """``assemble=True`` (one backward on update steps, the gradients reused) and ``assemble=False`` (the
+    plain weighted sum, autograd's own backward) give L-BFGS the same parameters to float tolerance.
+
+    One L-BFGS step of several closure evaluations (the first updates the weights, the others reuse them):
+    equal to 1e-7. Later steps are not compared: L-BFGS (learning rate 1) amplifies the paths' rounding
+    difference (1e-4 after two steps) and from the third step the strong-Wolfe line search can branch on
+    it (LRA here: 16 closure evaluations against 15, then 3e-2 apart)."""
+    cfg = config("ntk" if name == "ntk_grad_norm" else name)
+    if name == "ntk_grad_norm":
+        cfg["mode"] = "grad_norm"
+    runs = []
+    for assemble in (True, False):
+        solver, net, agg = poisson_solver({**cfg, "assemble": assemble}, tmp_path / str(assemble), iters=1,
+                                          optimizer=lbfgs(), lbfgs=True)
+        calls = record_calls(agg)
+        train(solver)
+        runs.append(([p.numpy() for p in net.parameters()], agg.weights, int(agg.num_updates.numpy()[0]),
+                     len(calls)))
+    (p1, w1, n1, c1), (p2, w2, n2, c2) = runs
+    assert n1 == n2 == 1 and c1 == c2 > 2
+    for a, b in zip(p1, p2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in w1:
+        assert w1[k] == pytest.approx(w2[k], rel=1e-5)
+
+
+def test_adam_then_lbfgs_from_the_checkpoint_keeps_weights_and_cadence(tmp_path):
+    """Adam for one epoch (checkpointed), then a new Solver with L-BFGS resuming from that checkpoint: the
+    balancer starts from Adam's final weights and update count, and its cadence continues (update_freq 2:
+    Adam steps 0-3 update at 0 and 2, L-BFGS steps 4-7 at 4 and 6). PhysicsNeMo loses them (physicsnemo#1719)."""
+    cfg = {"name": "lr_annealing", "ref": "poisson", "update_freq": 2}
+    adam, _, a1 = poisson_solver(cfg, tmp_path / "adam", iters=4)
+    adam.save_freq = 1
+    train(adam)
+    assert int(a1.num_updates.numpy()[0]) == 2 and a1._host["last_update_step"] == 2
+
+    ppsci.utils.misc.set_random_seed(0)
+    from test_ppsci_methods import poisson_constraints
+
+    with paddle.utils.unique_name.guard():
+        model = ppsci.arch.MLP(("x", "y"), ("p",), 2, 8, "tanh")
+        cons, pde = poisson_constraints()
+        net, agg = adapter.build_for_solver(cfg, model, cons)
+        opt = lbfgs()(adapter.optimizer_layers(net, agg, lbfgs=True))
+        solver = ppsci.solver.Solver(net, cons, str(tmp_path / "lbfgs"), opt, epochs=2, iters_per_epoch=4,
+                                     log_freq=100, loss_aggregator=agg, equation={"Poisson": pde},
+                                     checkpoint_path=str(tmp_path / "adam" / "checkpoints" / "latest"))
+    assert agg.weights == a1.weights and int(agg.num_updates.numpy()[0]) == 2
+    for p, q in zip(net.parameters(), adam.model.parameters()):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+    calls = record_calls(agg)
+    train(solver)
+    assert sorted({s for s, _ in calls}) == [4, 5, 6, 7]
+    assert int(agg.num_updates.numpy()[0]) == 4 and agg._host["last_update_step"] == 6
+    assert agg.weights != a1.weights and finite_parameters(net)

@@ -82,6 +82,23 @@ def train(cfg: DictConfig):
         loss_aggregator=balancer)
     balance.attach_logging(solver)  # weight/<term> (and ntk_trace/<term>) in the [Train] log line and writers
     solver.train()
+    if cfg.TRAIN.lbfgs.epochs > 0:
+        # then L-BFGS on the same model and balancer: the weights and the update cadence carry on (the
+        # balancer's step is the Solver's global step, counted on from Adam's); each L-BFGS step updates the
+        # weights once, at its first closure evaluation
+        _, metrics = solver.eval()
+        ppsci.utils.logger.info(f"after Adam: weights {balancer.weights} relative L2 error {metrics['L2Rel']['u']:.4e}")
+        lbfgs = ppsci.optimizer.LBFGS(cfg.TRAIN.lbfgs.lr, max_iter=cfg.TRAIN.lbfgs.max_iter)
+        solver = ppsci.solver.Solver(
+            model, constraints, cfg.output_dir, lbfgs(balance.optimizer_layers(model, balancer, lbfgs=True)),
+            epochs=cfg.TRAIN.epochs + cfg.TRAIN.lbfgs.epochs, iters_per_epoch=cfg.TRAIN.iters_per_epoch,
+            save_freq=cfg.TRAIN.save_freq, log_freq=cfg.log_freq, seed=cfg.seed, validator=validator,
+            loss_aggregator=balancer)
+        solver.best_metric["epoch"] = cfg.TRAIN.epochs  # start after Adam's epochs: global steps continue
+        balance.attach_logging(solver)
+        if balancer_block(cfg)["name"] == "grad_norm":  # its weights follow L_grad, not the L-BFGS objective
+            balance.attach_weight_optimizer(balancer, ppsci.optimizer.Adam(cfg.TRAIN.lr)(balancer))
+        solver.train()
     _, metrics = solver.eval()
     ppsci.utils.logger.info(f"balancer={balancer_block(cfg)['name']} final weights {balancer.weights} "
                             f"relative L2 error {metrics['L2Rel']['u']:.4e}")
