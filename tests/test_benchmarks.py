@@ -319,3 +319,13 @@ def test_solver_overhead_benchmark_runs(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {r["method"] for r in rows} == {"plain", "lra", "gradnorm", "ntk_grad_norm", "ppsci_gradnorm", "ppsci_ntk"}
     assert all(r["ratio"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_public_ops_benchmark_runs(tmp_path):
+    """Private vs public ops, one tiny process per form (the numbers themselves are not asserted)."""
+    out = tmp_path / "ops.json"
+    _run_benchmark("public_ops", "--freqs", "1", "--rounds", "1", "--block", "2", "--pairs", "1", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert {r["method"] for r in rows} >= {"lra", "gradnorm"} and all(r["private"] > 0 and r["public"] > 0
+                                                                      for r in rows)
