@@ -197,3 +197,44 @@ def test_every_balancer_trains_every_equation_in_the_solver(case, name, tmp_path
     assert all(np.isfinite(v) for v in bal.weights.values())
     assert all(np.all(np.isfinite(p.numpy())) for p in net.parameters())
     assert int(bal.num_calls.numpy()[0]) == 2
+
+
+def test_a_label_shared_by_several_constraints_is_one_term_over_the_union_of_their_points(tmp_path):
+    """PaddleScience merges the constraints' losses of one label into one term; its kernel runs over the union
+    of their points (each constraint's own expression), and the trace equals the per-point reference summed
+    over both point sets."""
+    paddle.seed(0)
+    model = ppsci.arch.MLP(("x", "y"), ("u", "v", "p"), 2, 6, "tanh")
+    rect = ppsci.geometry.Rectangle((0.0, 0.0), (1.0, 1.0))
+    loader = {"dataset": "IterableNamedArrayDataset", "batch_size": 4, "iters_per_epoch": 1}
+    top = ppsci.constraint.BoundaryConstraint({"u": lambda d: d["u"], "v": lambda d: d["v"]}, {"u": 1, "v": 0},
+                                              rect, loader, ppsci.loss.MSELoss("sum"), name="BC_top")
+    left = ppsci.constraint.BoundaryConstraint({"u": lambda d: 2.0 * d["u"]}, {"u": 0}, rect, loader,
+                                               ppsci.loss.MSELoss("sum"), name="BC_left")
+    cons = {"BC_top": top, "BC_left": left}
+    pts = {"BC_top": {"x": np.array([[0.1], [0.5], [0.9]], "float32"), "y": np.ones((3, 1), "float32")},
+           "BC_left": {"x": np.zeros((2, 1), "float32"), "y": np.array([[0.2], [0.7]], "float32")}}
+    ppsci.solver.Solver(model, cons, output_dir=str(tmp_path))
+    kernels = constraint_kernels(cons, model, points=pts)
+    assert sorted(kernels) == ["u", "v"]
+    params = list(model.parameters())
+
+    def reference(scale, points):
+        total = 0.0
+        for p in range(len(points["x"])):
+            out = model({k: paddle.to_tensor(v[p:p + 1]) for k, v in points.items()})
+            grads = paddle.grad((scale * out["u"]).sum(), params, allow_unused=True)
+            total += sum(float((g ** 2).sum()) for g in grads if g is not None)
+        return total
+
+    expected = reference(1.0, pts["BC_top"]) + reference(2.0, pts["BC_left"])
+    import warnings
+
+    from paddle_pinn_balance import BalanceWarning
+
+    ntk = NTKWeighting(ntk_model(model), kernels={"u": kernels["u"]}, loss_names=["u"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BalanceWarning)
+        got = float(ntk.compute_traces().numpy()[0])
+    assert got == pytest.approx(expected, rel=2e-4)
+    assert kernels["u"](model).shape[0] == 5
