@@ -71,10 +71,13 @@ class NTKWeighting(Balancer):
       norm, which by Cauchy-Schwarz is at most :math:`\frac2{N}\|r\|\sqrt{\operatorname{Tr}(K_{ii})}`.
 
     The traces are computed exactly with one backward per chunk of points, not one per point
-    (:func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms`): for a ``paddle.nn.Sequential`` of
-    ``Linear`` layers and elementwise activations each point gets its own copy of the parameters
-    (``last_path == "expanded"``); any other model goes through an exact per-point loop
-    (``last_path == "loop"``, with a warning once per term).
+    (:func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms`): the kernel runs once with every use of
+    a parameter recorded (affine maps, matrix products, elementwise operations, in the forward pass and in the
+    derivative graphs a residual builds), and one backward gives each use's per-point adjoint
+    (``last_path == "expanded"``; :mod:`paddle_pinn_balance.expanded`): every ``ppsci.arch.MLP`` option,
+    ``ModifiedMLP``, PirateNet and plain ``paddle.nn`` compositions. A parameter used in a way the recording
+    does not know, or a kernel mixing points, goes through an exact per-point loop (``last_path == "loop"``,
+    with a warning once per term giving the reason).
 
     Args:
         model: the network (a ``paddle.nn.Layer``) whose parameters the kernels differentiate.
@@ -235,10 +238,9 @@ class NTKWeighting(Balancer):
             self.last_paths[name] = ran
             if ran == "loop" and self.path == "auto" and name not in self._warned:
                 self._warned.add(name)
+                reason = getattr(ran, "reason", "") or "the fast path does not apply"
                 warnings.warn(f"NTKWeighting: term {name!r} uses the exact per-point loop (one backward per point): "
-                              "the fast path supports a paddle.nn.Sequential of Linear layers and elementwise "
-                              "activations, and kernels that only call model(x) with one row per point",
-                              BalanceWarning, stacklevel=3)
+                              f"{reason}", BalanceWarning, stacklevel=3)
             out.append(paddle.stack([sq.sum(), paddle.full([], sq.shape[0], dtype=sq.dtype)]).astype("float64"))
         sums, counts = sum_across_ranks(paddle.stack(out)).unbind(axis=1)  # data-parallel: the union's points
         return sums if self.reduction == "sum" else sums / counts

@@ -7,12 +7,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
+from reference import DTYPE  # noqa: E402
+
 paddle.set_device("cpu")
 
-# PADDLE_PINN_BALANCE_DTYPE=float64 runs the suite with float64 as Paddle's default dtype.
-DTYPE = os.environ.get("PADDLE_PINN_BALANCE_DTYPE", "float32")
-if DTYPE not in ("float32", "float64"):
-    raise ValueError(f"PADDLE_PINN_BALANCE_DTYPE must be float32 or float64; got {DTYPE!r}")
+# PADDLE_PINN_BALANCE_DTYPE=float64 runs the suite with float64 as Paddle's default dtype (reference.DTYPE:
+# test helpers build their nets and data in it).
 paddle.set_default_dtype(DTYPE)
 
 # Warnings of our own package (category BalanceWarning) are errors in tests (pytest.ini); a test that expects

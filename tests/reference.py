@@ -1,11 +1,19 @@
 """Independent references: a numpy MLP with hand-written backpropagation, and the papers' statistics
 written as plain numpy loops (no code shared with the library)."""
 
+import os
+
 import numpy as np
 import paddle
 
+# The suite's floating dtype (conftest.py makes it Paddle's default): PADDLE_PINN_BALANCE_DTYPE=float64 runs
+# every test whose data has no dtype of its own in float64.
+DTYPE = os.environ.get("PADDLE_PINN_BALANCE_DTYPE", "float32")
+if DTYPE not in ("float32", "float64"):
+    raise ValueError(f"PADDLE_PINN_BALANCE_DTYPE must be float32 or float64; got {DTYPE!r}")
 
-def make_net(sizes=(2, 5, 4, 1), seed=0, dtype="float32"):
+
+def make_net(sizes=(2, 5, 4, 1), seed=0, dtype=DTYPE):
     """A tanh MLP of paddle Linear layers with random (non-zero) biases."""
     paddle.seed(seed)
     previous = paddle.get_default_dtype()

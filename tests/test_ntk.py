@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import paddle
 import pytest
-from reference import make_net, mse_and_grads, numpy_params
+from reference import DTYPE, make_net, mse_and_grads, numpy_params
 
 from paddle_pinn_balance import NTKWeighting, build_balancer
 
@@ -15,7 +15,7 @@ SIZES = {"res": 12, "bc": 7, "ic": 5}
 
 def _points(seed=1):
     rng = np.random.default_rng(seed)
-    return {n: rng.uniform(-1, 1, size=(SIZES[n], 2)).astype("float32") for n in NAMES}
+    return {n: rng.uniform(-1, 1, size=(SIZES[n], 2)).astype(DTYPE) for n in NAMES}
 
 
 def _residual(x):
@@ -216,14 +216,18 @@ def test_nan_traces_keep_weights_and_warn():
     ntk.set_state_dict(ntk.state_dict())  # still a loadable (finite) checkpoint
 
 
-def test_unknown_model_uses_loop_with_one_warning():
+def test_a_model_the_fast_path_cannot_record_uses_the_loop_with_one_warning():
+    """A wrapper layer is recorded like any composition of affine maps (fast); a parameter that enters through
+    an operation the recording does not know (here ``paddle.exp``) sends the term to the exact loop, once
+    warned, with the same traces."""
     class Net(paddle.nn.Layer):
         def __init__(self):
             super().__init__()
             self.inner = make_net()
+            self.log_scale = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(0.1))
 
         def forward(self, x):
-            return self.inner(x)
+            return self.inner(x) * paddle.exp(self.log_scale)
 
     net, points = Net(), _points()
     ntk = NTKWeighting(net, kernels=kernels_for(points), update_freq=1)
@@ -237,6 +241,22 @@ def test_unknown_model_uses_loop_with_one_warning():
     for n in NAMES:
         np.testing.assert_allclose(ntk.traces()[n], ref[n].sum(), rtol=1e-5)
 
+    class Wrapper(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_net()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    wrapped = Wrapper()
+    fast = NTKWeighting(wrapped, kernels=kernels_for(points), update_freq=1)
+    fast(losses_for(wrapped, points), 0)
+    assert fast.last_path == "expanded"
+    ref = reference_traces(wrapped, points)
+    for n in NAMES:
+        np.testing.assert_allclose(fast.traces()[n], ref[n].sum(), rtol=1e-5)
+
 
 def test_grad_norm_mode_matches_numpy():
     net = make_net()
@@ -244,7 +264,7 @@ def test_grad_norm_mode_matches_numpy():
     data = {n: (rng.uniform(-1, 1, size=(SIZES[n], 2)), s * rng.normal(size=(SIZES[n], 1)))
             for n, s in zip(NAMES, (1.0, 20.0, 0.3))}
     ntk = NTKWeighting(net, mode="grad_norm", update_freq=1, momentum=0.5)
-    losses = {n: ((net(paddle.to_tensor(x.astype("float32"))) - paddle.to_tensor(t.astype("float32"))) ** 2).mean()
+    losses = {n: ((net(paddle.to_tensor(x.astype(DTYPE))) - paddle.to_tensor(t.astype(DTYPE))) ** 2).mean()
               for n, (x, t) in data.items()}
     ntk(losses, 0)
     params = numpy_params(net)

@@ -5,12 +5,12 @@ import warnings
 import numpy as np
 import paddle
 import pytest
-from reference import make_net
+from reference import DTYPE, make_net
 
 from paddle_pinn_balance.per_point import per_point_sq_grad_norms, register_elementwise, supports_expansion
 
 
-def _x(n, d=2, seed=3, dtype="float32"):
+def _x(n, d=2, seed=3, dtype=DTYPE):
     return paddle.to_tensor(np.random.default_rng(seed).uniform(-1, 1, size=(n, d)).astype(dtype))
 
 
@@ -104,21 +104,38 @@ class MyNet(paddle.nn.Layer):
         return self.b(paddle.sin(self.a(x)))
 
 
-def test_unknown_layers_fall_back_to_loop():
-    x = _x(6)
-    custom = MyNet()
-    assert not supports_expansion(custom)
-    sq, path = per_point_sq_grad_norms(custom, residual_kernel(x), return_path=True)
-    assert path == "loop"
-    np.testing.assert_allclose(sq.numpy(), reference_sq_norms(custom, residual_kernel, x), rtol=1e-5)
-    with pytest.raises(ValueError, match="expanded"):
-        per_point_sq_grad_norms(custom, output_kernel(x), path="expanded")
+class ExpNet(MyNet):
+    """A parameter used through paddle.exp, an operation the fast path does not record."""
 
-    class Sin2(Sin):
+    def __init__(self):
+        super().__init__()
+        self.log_s = self.create_parameter([5], default_initializer=paddle.nn.initializer.Constant(0.2))
+
+    def forward(self, x):
+        return self.b(paddle.sin(self.a(x) * paddle.exp(self.log_s)))
+
+
+def test_any_layer_of_recorded_operations_is_fast_others_fall_back():
+    x = _x(6)
+    custom = MyNet()  # not a Sequential, paddle.sin as a function: every parameter use is recorded
+    assert supports_expansion(custom) and not supports_expansion(lambda x: x)
+    sq, path = per_point_sq_grad_norms(custom, residual_kernel(x), return_path=True)
+    assert path == "expanded" and path.reason is None
+    np.testing.assert_allclose(sq.numpy(), reference_sq_norms(custom, residual_kernel, x), rtol=1e-5)
+
+    unrecorded = ExpNet()
+    sq, path = per_point_sq_grad_norms(unrecorded, residual_kernel(x), return_path=True)
+    assert path == "loop" and "log_s" in path.reason
+    np.testing.assert_allclose(sq.numpy(), reference_sq_norms(unrecorded, residual_kernel, x), rtol=1e-5)
+    with pytest.raises(ValueError, match="log_s"):
+        per_point_sq_grad_norms(unrecorded, output_kernel(x), path="expanded")
+    assert per_point_sq_grad_norms(custom, output_kernel(x), path="loop", return_path=True)[1] == "loop"
+
+    class Sin2(Sin):  # registering elementwise layers is no longer needed (still accepted)
         pass
 
     seq = paddle.nn.Sequential(paddle.nn.Linear(2, 5), Sin2(), paddle.nn.Linear(5, 1))
-    assert per_point_sq_grad_norms(seq, output_kernel(x), return_path=True)[1] == "loop"
+    assert per_point_sq_grad_norms(seq, output_kernel(x), return_path=True)[1] == "expanded"
     register_elementwise(Sin2)
     sq, path = per_point_sq_grad_norms(seq, residual_kernel(x), return_path=True)
     assert path == "expanded"
@@ -139,13 +156,15 @@ def test_kernels_the_fast_path_cannot_map_fall_back():
 
     sq, path = per_point_sq_grad_norms(net, stacked, return_path=True)
     sq2, path2 = per_point_sq_grad_norms(net, two_calls, return_path=True)
-    assert (path, path2) == ("loop", "expanded")
+    assert (path, path2) == ("loop", "expanded") and "rows" in path.reason
     np.testing.assert_allclose(sq.numpy(), sq2.numpy(), rtol=1e-5)
 
     def uses_attribute(model):
         return model(x) * 0 + sum(p.sum() for p in model.parameters())
 
-    assert per_point_sq_grad_norms(net, uses_attribute, return_path=True)[1] == "loop"
+    sq, path = per_point_sq_grad_norms(net, uses_attribute, return_path=True)
+    assert path == "loop" and "not record" in path.reason
+    np.testing.assert_allclose(sq.numpy(), np.full(5, 25.0), rtol=1e-6)  # d(sum of the 25 params)/d theta: ones
 
 
 def test_frozen_parameters_are_left_out():
