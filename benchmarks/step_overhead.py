@@ -9,6 +9,12 @@ its ratio to the plain step of the same run. PaddleScience's aggregators (``ppsc
 
     python benchmarks/step_overhead.py                 # both setups, update_freq 1, 10, 100
     python benchmarks/step_overhead.py --memory        # also the peak memory of a step
+    python benchmarks/step_overhead.py --surgery       # also PCGrad / ConFIG (and ppsci's PCGrad), every step
+    python benchmarks/step_overhead.py --methods lra relobralo softadapt uncertainty pcgrad conflict_free \
+        upgrad m_conflict_free --freqs 1             # exactly these methods (names: METHODS below)
+
+Methods without an update frequency or whose direction is needed on every step (``EVERY_STEP``) are timed at
+update_freq 1 only.
 
 One CPU thread by default (``--threads``); on a GPU machine it runs on the GPU.
 """
@@ -27,7 +33,7 @@ import paddle  # noqa: E402
 from _common import amortised_ratio, clock  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from paddle_pinn_balance import GradNorm, LRAnnealing  # noqa: E402
+from paddle_pinn_balance import GradNorm, LRAnnealing, ReLoBRaLo, SoftAdapt, UncertaintyWeighting  # noqa: E402
 
 try:
     from paddle_pinn_balance import NTKWeighting  # noqa: E402
@@ -35,6 +41,14 @@ except ImportError:  # before the NTK method existed
     NTKWeighting = None
 
 EDGES = ("bc_left", "bc_right", "bc_bottom", "bc_top")
+#: every method name `build` knows (ppsci_*: PaddleScience's aggregators, measured when ppsci is importable)
+METHODS = ("lra", "gradnorm", "ntk_grad_norm", "grad_norm_ratio", "relobralo", "softadapt", "uncertainty",
+           "pcgrad", "conflict_free", "upgrad", "m_conflict_free", "ppsci_sum", "ppsci_gradnorm", "ppsci_ntk",
+           "ppsci_relobralo", "ppsci_pcgrad")
+#: timed at update_freq 1 only: no update frequency (uncertainty, ppsci's Sum / Relobralo / PCGrad), or a
+#: direction that needs G on every step it is used (surgery)
+EVERY_STEP = ("uncertainty", "pcgrad", "conflict_free", "upgrad", "m_conflict_free", "ppsci_sum", "ppsci_relobralo",
+              "ppsci_pcgrad")
 
 
 def make_net(seed=0):
@@ -93,10 +107,21 @@ def build(method, freq, terms, net):
         return wrapper, wrapper.aggregator
     if method == "ntk_grad_norm":
         return net, NTKWeighting(net, mode="grad_norm", update_freq=freq)
-    if method in ("pcgrad", "conflict_free"):
-        from paddle_pinn_balance import ConFIG, PCGrad
+    if method == "grad_norm_ratio":
+        from paddle_pinn_balance import GradNormRatio
 
-        return net, (PCGrad(net, update_freq=freq) if method == "pcgrad" else ConFIG(net, update_freq=freq))
+        return net, GradNormRatio(net, update_freq=freq)
+    if method == "relobralo":
+        return net, ReLoBRaLo(update_freq=freq)
+    if method == "softadapt":
+        return net, SoftAdapt(update_freq=freq)
+    if method == "uncertainty":  # its log-variances are in the optimizer (Runner adds the aggregator's parameters)
+        return net, UncertaintyWeighting(loss_names=["res", "bc"] if terms == 2 else ["res", *EDGES])
+    if method in ("pcgrad", "conflict_free", "upgrad", "m_conflict_free"):
+        from paddle_pinn_balance.surgery import ConFIG, MConFIG, PCGrad, UPGrad
+
+        cls = {"pcgrad": PCGrad, "conflict_free": ConFIG, "upgrad": UPGrad, "m_conflict_free": MConFIG}[method]
+        return net, cls(net, update_freq=freq)
     from ppsci.loss import mtl
 
     if method == "ppsci_pcgrad":
@@ -107,6 +132,8 @@ def build(method, freq, terms, net):
         return net, mtl.GradNorm(net, num_losses=terms, update_freq=freq)
     if method == "ppsci_ntk":
         return net, mtl.NTK(net, num_losses=terms, update_freq=freq)
+    if method == "ppsci_relobralo":
+        return net, mtl.Relobralo(num_losses=terms)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -128,7 +155,13 @@ class Runner:
     def __init__(self, method, freq, terms):
         with paddle.utils.unique_name.guard():
             self.model, self.agg = build(method, freq, terms, make_net())
-            self.opt = paddle.optimizer.Adam(1e-3, parameters=self.model.parameters())
+            params, seen = [], set()
+            extra = self.agg.parameters() if getattr(self.agg, "learns_weights", False) else []  # ours only
+            for p in self.model.parameters() + extra:  # learned balancer parameters once (GradNorm's are in both)
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+            self.opt = paddle.optimizer.Adam(1e-3, parameters=params)
         self.pts = make_points()
         self.terms = terms
         self.freq = freq
@@ -157,7 +190,10 @@ class Runner:
 
 
 def methods_available(with_ppsci, surgery=False):
-    names = ["lra", "gradnorm"] + (["ntk_grad_norm"] if NTKWeighting is not None else [])
+    """The default method list: ppsci's Sum, our gradient-reading weightings and ppsci's (when importable);
+    with ``surgery`` also PCGrad / ConFIG (and ppsci's PCGrad)."""
+    names = (["ppsci_sum"] if with_ppsci else []) + ["lra", "gradnorm"]
+    names += ["ntk_grad_norm"] if NTKWeighting is not None else []
     if with_ppsci:
         names += ["ppsci_gradnorm", "ppsci_ntk"]
     if surgery:  # gradient surgery (update every step only), beside LRAnnealing
@@ -191,13 +227,11 @@ def time_pair(method, freq, terms, rounds, block):
     return ratio * statistics.median(plain), ratio, statistics.median(plain)
 
 
-def time_setup(terms, freqs, rounds, block, with_ppsci, surgery=False):
-    """{(method, update_freq): (seconds per step, ratio to its paired plain step)}, and the plain step."""
+def time_setup(terms, freqs, rounds, block, methods):
+    """{(method, update_freq): (seconds per step, ratio to its paired plain step)}, and the plain step.
+    Methods in ``EVERY_STEP`` are timed at update_freq 1 only, the others at every frequency of ``freqs``."""
     out, plains = {}, []
-    keys = [("ppsci_sum", 1)] if with_ppsci else []
-    keys += [(m, f) for m in methods_available(with_ppsci) for f in freqs]
-    if surgery:
-        keys += [(m, 1) for m in methods_available(with_ppsci, True) if m not in methods_available(with_ppsci)]
+    keys = [(m, f) for m in methods for f in ([1] if m in EVERY_STEP else freqs)]
     for m, f in keys:
         t, ratio, plain = time_pair(m, f, terms, rounds, block)
         out[(m, f)] = (t, ratio)
@@ -234,6 +268,8 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     p.add_argument("--surgery", action="store_true",
                    help="also time PCGrad / ConFIG (and ppsci's PCGrad) at update_freq 1")
+    p.add_argument("--methods", nargs="+", choices=METHODS, metavar="NAME",
+                   help=f"time exactly these methods (instead of the default list and --surgery): {', '.join(METHODS)}")
     args = p.parse_args(argv)
     with_ppsci = False
     if not args.no_ppsci:
@@ -243,21 +279,28 @@ def main(argv=None):
             with_ppsci = True
         except ImportError:
             print("ppsci not installed: PaddleScience's aggregators are not measured")
+    if args.methods:
+        methods = [m for m in dict.fromkeys(args.methods) if with_ppsci or not m.startswith("ppsci_")]
+    else:
+        methods = methods_available(with_ppsci, args.surgery)
     device = paddle.device.get_device()
     print(f"device {device}, paddle {paddle.__version__}, threads {os.environ['OMP_NUM_THREADS']}, "
           f"rounds {args.rounds} x {args.block} steps per method and its paired plain runner, medians")
     results = []
     for terms in args.terms:
-        med, plain = time_setup(terms, args.freqs, args.rounds, args.block, with_ppsci, args.surgery)
+        med, plain = time_setup(terms, args.freqs, args.rounds, args.block, methods)
         print(f"\n{terms} terms: plain step {plain * 1e3:.2f} ms (median over the pairs)")
         print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
               + (f"{'peak MB':>9}{'x plain':>9}" if args.memory else ""))
         mem_plain = peak_memory("plain", 1, terms, 10) if args.memory else None
         for (m, f), (t, ratio) in med.items():
             ppsci_ratio = ""
-            if with_ppsci and m in ("lra", "gradnorm", "ntk_grad_norm"):
-                best = min(med[(pm, f)][1] for pm in ("ppsci_gradnorm", "ppsci_ntk"))
-                ppsci_ratio = f"{best / ratio:.2f}"
+            theirs = {"lra": ("ppsci_gradnorm", "ppsci_ntk"), "gradnorm": ("ppsci_gradnorm", "ppsci_ntk"),
+                      "ntk_grad_norm": ("ppsci_gradnorm", "ppsci_ntk"), "grad_norm_ratio": ("ppsci_gradnorm",),
+                      "relobralo": ("ppsci_relobralo",), "pcgrad": ("ppsci_pcgrad",)}.get(m, ())
+            timed = [med[(pm, f)][1] for pm in theirs if (pm, f) in med]
+            if timed:
+                ppsci_ratio = f"{min(timed) / ratio:.2f}"
             row = dict(terms=terms, method=m, update_freq=f, ms=t * 1e3, ratio=ratio)
             line = f"  {m:<16}{f:>12}{t * 1e3:>10.2f}{ratio:>9.3f}{ppsci_ratio:>12}"
             if args.memory:
@@ -271,7 +314,8 @@ def main(argv=None):
     print("x plain: amortised step time over that of a plain step timed beside it, (update + (freq - 1) x other) / "
           "freq, each the median of its ratios to the plain step of its round (CPU time of the process on a CPU; "
           "wall time with a synchronisation per step on a GPU)")
-    print("ppsci/ours: x plain of the faster of PaddleScience's GradNorm / NTK at the same update_freq over ours")
+    print("ppsci/ours: x plain of PaddleScience's counterpart at the same update_freq over ours (the faster of "
+          "its GradNorm / NTK for lra, gradnorm, ntk_grad_norm; GradNorm for grad_norm_ratio; Relobralo; PCGrad)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, results=results), f, indent=1)

@@ -6,7 +6,7 @@ PaddleScience's ``Solver(loss_aggregator=...)``.
 
 from .balancer import Balancer, BalanceWarning, Sum
 from .causal import CausalResidual, build_causal, causal_weights
-from .config import build_balancer
+from .config import build_balancer, build_loss_layer
 from .grad_norm_ratio import GradNormRatio, grad_norm_ratio_weights
 from .gradnorm import GradNorm, GradNormBalancer, gradnorm_weight_gradient
 from .lr_annealing import LRAnnealing, lra_estimates
@@ -14,12 +14,12 @@ from .ntk import NTKWeighting, ntk_trace_weights
 from .relobralo import ReLoBRaLo, relobralo_weights
 from .self_adaptive import SelfAdaptive
 from .softadapt import SoftAdapt, softadapt_weights
-from .surgery import ConFIG, PCGrad, UPGrad
+from .surgery import ConFIG, MConFIG, PCGrad, UPGrad
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "BalanceWarning", "Sum", "LRAnnealing", "NTKWeighting", "GradNorm", "GradNormBalancer",
-           "GradNormRatio", "build_balancer", "ReLoBRaLo", "SoftAdapt", "UncertaintyWeighting", "CausalResidual",
-           "causal_weights", "build_causal", "PCGrad", "ConFIG", "UPGrad", "SelfAdaptive",
+           "GradNormRatio", "build_balancer", "build_loss_layer", "ReLoBRaLo", "SoftAdapt", "UncertaintyWeighting",
+           "CausalResidual", "causal_weights", "build_causal", "PCGrad", "ConFIG", "MConFIG", "UPGrad", "SelfAdaptive",
            # the methods' math as pure functions of arrays (the classes above hold state and call them)
            "lra_estimates", "ntk_trace_weights", "gradnorm_weight_gradient", "grad_norm_ratio_weights",
            "relobralo_weights", "softadapt_weights"]

@@ -280,8 +280,9 @@ class Balancer(paddle.nn.Layer):
             return weighted_sum(ops.stack(values), self._weight_vector())
         if not self.needs_gradients:
             stacked = ops.stack(values)
-            # an overflowing (or NaN) loss skips this update whatever the method's statistics say
-            self._losses_finite = ops.all_finite(stacked.detach())
+            # an overflowing (or NaN) loss skips this update whatever the method's statistics say; data-parallel:
+            # the flag is read from the ranks' mean loss (non-finite when any rank's is), so every rank skips alike
+            self._losses_finite = ops.all_finite(mean_across_ranks(stacked.detach()))
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
@@ -291,7 +292,7 @@ class Balancer(paddle.nn.Layer):
             G = term_gradients_by_backward(values, params)
         else:
             G = term_gradients(values, params, retain_graph=False)
-        G = mean_across_ranks(G)  # data-parallel: the gradient on all ranks' points, identical on every rank
+        G = self._mean_across_ranks(G)  # data-parallel: the gradient on all ranks' points, the same on every rank
         losses = ops.stack([v.detach() for v in values])
         extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
@@ -327,6 +328,15 @@ class Balancer(paddle.nn.Layer):
         if "_n_model" not in self.__dict__:
             self._n_model = sum(int(np.prod(p.shape)) for p in self._params)
         self._params = list(self._params) + [p for p in extra if id(p) not in ids]
+
+    def _mean_across_ranks(self, G: paddle.Tensor) -> paddle.Tensor:
+        """``G`` averaged over the data-parallel ranks in the model's columns; the columns of
+        :meth:`add_parameters` stay the rank's own (self-adaptive point weights: each rank owns its points'
+        weights, which get the gradient of the rank's own loss, as without a gradient-reading balancer)."""
+        n = self.__dict__.get("_n_model")
+        if world_size() == 1 or n is None or n == G.shape[1]:
+            return mean_across_ranks(G)
+        return paddle.concat([mean_across_ranks(G[:, :n]), G[:, n:]], axis=1)
 
     def _model_columns(self, G: paddle.Tensor) -> paddle.Tensor:
         """The columns of ``G`` that belong to the model (all but those of :meth:`add_parameters`)."""

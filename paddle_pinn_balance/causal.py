@@ -134,15 +134,12 @@ class CausalResidual(paddle.nn.Layer):
 
 def build_causal(config: Mapping) -> CausalResidual:
     """A :class:`CausalResidual` from ``{"name": "causal", n_chunks, eps, ...}`` (a residual loss, not a
-    term balancer: use its output as one term of any balancer)."""
+    term balancer: use its output as one term of any balancer); :func:`~paddle_pinn_balance.config.
+    build_loss_layer` with the name checked."""
+    from .config import build_loss_layer
+
     cfg = dict(config)
-    name = cfg.pop("name", "causal")
+    name = cfg.setdefault("name", "causal")
     if name != "causal":
         raise ValueError(f"build_causal needs name 'causal'; got {name!r}")
-    import inspect
-
-    allowed = [k for k in inspect.signature(CausalResidual.__init__).parameters if k != "self"]
-    unknown = sorted(k for k in cfg if k not in allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for 'causal'; allowed: {allowed}")
-    return CausalResidual(**cfg)
+    return build_loss_layer(cfg)

@@ -16,7 +16,7 @@ from .lr_annealing import LRAnnealing
 from .ntk import NTKWeighting
 from .relobralo import ReLoBRaLo
 from .softadapt import SoftAdapt
-from .surgery import ConFIG, PCGrad, UPGrad
+from .surgery import ConFIG, MConFIG, PCGrad, UPGrad
 from .uncertainty import UncertaintyWeighting
 
 
@@ -52,10 +52,47 @@ REGISTRY = {
     "uncertainty": (lambda model, **kw: UncertaintyWeighting(**kw), UncertaintyWeighting.__init__),
     "pcgrad": (lambda model, **kw: PCGrad(model, **kw), PCGrad.__init__),
     "conflict_free": (lambda model, **kw: ConFIG(model, **kw), ConFIG.__init__),
+    "m_conflict_free": (lambda model, **kw: MConFIG(model, **kw), MConFIG.__init__),
     "upgrad": (lambda model, **kw: UPGrad(model, **kw), UPGrad.__init__),
 }
 
 _NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}
+
+
+def _loss_layers() -> dict:
+    from .causal import CausalResidual
+    from .self_adaptive import SelfAdaptive
+
+    return {"causal": CausalResidual, "self_adaptive": SelfAdaptive}
+
+
+#: the per-point loss layers (residuals in, scalar terms out, to feed any balancer): not balancers themselves
+LOSS_LAYERS = ("causal", "self_adaptive")
+
+
+def build_loss_layer(config) -> paddle.nn.Layer:
+    """A per-point loss layer from ``{"name": "causal" | "self_adaptive", **constructor keyword arguments}``
+    or a YAML file (``yaml.safe_load``, validated like :func:`build_balancer`): :class:`~paddle_pinn_balance.
+    CausalResidual` (time-chunked residual, one term) or :class:`~paddle_pinn_balance.SelfAdaptive` (per-point
+    learnable weights, ``points: {term: count}``). Their outputs are the terms of any balancer.
+
+    Example:
+        >>> from paddle_pinn_balance.config import build_loss_layer
+        >>> sa = build_loss_layer({"name": "self_adaptive", "points": {"res": 4, "bc": 2}, "mask": "sigmoid"})
+        >>> sa.mask, sa.names
+        ('sigmoid', ('res', 'bc'))
+    """
+    cfg = load_config(config)
+    layers = _loss_layers()
+    name = cfg.pop("name", None)
+    if name not in layers:
+        raise ValueError(f"unknown loss layer name {name!r}; allowed: {sorted(layers)}")
+    cls = layers[name]
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in _NOT_CONFIG]
+    unknown = sorted(str(k) for k in cfg if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for loss layer {name!r}; allowed: {allowed}")
+    return cls(**cfg)
 
 
 def allowed_keys(name: str) -> list:
@@ -94,9 +131,9 @@ def build_balancer(config, model: Optional[paddle.nn.Layer] = None) -> Balancer:
     """Build a balancer from ``{"name": ..., **constructor keyword arguments}`` or a YAML file.
 
     ``name`` is a key of :data:`REGISTRY` (``sum``, ``lr_annealing``, ``grad_norm``, ``ntk``, ``grad_norm_ratio``,
-    ``relobralo``, ``softadapt``, ``uncertainty``, ``pcgrad``, ``conflict_free``, ``upgrad``). A YAML file may
-    hold the mapping at top level or under a ``balancer:`` key. Unknown names or keys raise ``ValueError`` listing the
-    allowed ones; values are checked by the constructors. Nothing is evaluated.
+    ``relobralo``, ``softadapt``, ``uncertainty``, ``pcgrad``, ``conflict_free``, ``m_conflict_free``, ``upgrad``).
+    A YAML file may hold the mapping at top level or under a ``balancer:`` key. Unknown names or keys raise
+    ``ValueError`` listing the allowed ones; values are checked by the constructors. Nothing is evaluated.
 
     For ``grad_norm`` the model is wrapped in :class:`~paddle_pinn_balance.GradNorm` (unless it is one
     already) and the wrapper's aggregator is returned; ``balancer.wrapper`` is the wrapper, the model to
@@ -114,6 +151,9 @@ def build_balancer(config, model: Optional[paddle.nn.Layer] = None) -> Balancer:
     if "name" not in cfg:
         raise ValueError(f"balancer config needs a `name`, one of {sorted(REGISTRY)}; got keys {sorted(cfg)}")
     name = cfg.pop("name")
+    if name in LOSS_LAYERS:
+        raise ValueError(f"{name!r} is a per-point loss layer, not a balancer: build it with build_loss_layer and "
+                         f"give its outputs (scalar terms) to a balancer; balancers: {sorted(REGISTRY)}")
     if name not in REGISTRY:
         raise ValueError(f"unknown balancer name {name!r}; allowed: {sorted(REGISTRY)}")
     allowed = allowed_keys(name)

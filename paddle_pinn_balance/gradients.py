@@ -87,6 +87,37 @@ def trainable_parameters(model_or_params, subset: str = "all") -> List[paddle.Te
     return out
 
 
+def _one_dtype(tensors: Sequence[paddle.Tensor]) -> list:
+    """The tensors in one dtype, for one flat vector: parameters of several dtypes (a float32 parameter added
+    to a float64 net) give their gradients in the widest (a flattening copy would reinterpret the bytes)."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return list(tensors)
+    dtype = paddle.float64 if paddle.float64 in dtypes else paddle.float32
+    return [ops.cast(t, dtype) for t in tensors]
+
+
+class _RankMeanGradient(paddle.autograd.PyLayer):
+    """Identity forward; backward: the incoming gradient averaged over the data-parallel ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return paddle.assign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return mean_across_ranks(grad)
+
+
+def rank_mean_gradient(x: paddle.Tensor) -> paddle.Tensor:
+    r"""``x`` itself, whose gradient is averaged over the data-parallel ranks (``x`` on one rank, at no cost).
+
+    For a balancer's own learned tensors outside ``DataParallel`` (uncertainty weighting's
+    :math:`\log\sigma^2`): their gradient is then that of the mean loss over all ranks' points, identical on
+    every rank, as ``DataParallel``'s reducer makes the network's."""
+    return x if world_size() == 1 else _RankMeanGradient.apply(x)
+
+
 def flat_grad(loss: paddle.Tensor, params: Sequence[paddle.Tensor], retain_graph: bool = True) -> paddle.Tensor:
     """``d loss / d params`` flattened into one vector; parameters the loss does not reach give zeros.
 
@@ -96,7 +127,7 @@ def flat_grad(loss: paddle.Tensor, params: Sequence[paddle.Tensor], retain_graph
         grads = [None] * len(params)
     else:
         grads = paddle.grad([loss], list(params), retain_graph=retain_graph, allow_unused=True)
-    return ops.flatten_cat([paddle.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return ops.flatten_cat(_one_dtype([paddle.zeros_like(p) if g is None else g for g, p in zip(grads, params)]))
 
 
 def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor],
@@ -127,7 +158,11 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
     had = [p.grad is not None for p in params]
     prior = None
     if any(had):
-        prior = ops.flatten_copy_views([p.grad if h else paddle.zeros_like(p) for p, h in zip(params, had)])
+        held = [p.grad if h else paddle.zeros_like(p) for p, h in zip(params, had)]
+        if len({p.dtype for p in params}) == 1:
+            prior = ops.flatten_copy_views(held)
+        else:  # several dtypes: one copy each (a flattening copy is of one dtype)
+            prior = [None] + [g.detach().clone() for g in held]
         _clear(params)
     rows = []  # terms K-1 .. 1, each copied out flat
     for i in reversed(range(len(values))):
@@ -137,6 +172,7 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
         else:
             v.backward(retain_graph=i > 0)
             grads = [paddle.zeros_like(p) if p.grad is None else p.grad for p in params]
+        grads = _one_dtype(grads)
         if i > 0:
             rows.append(ops.flatten_copy(grads))
             _clear(params)

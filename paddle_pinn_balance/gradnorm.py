@@ -186,6 +186,7 @@ class GradNormBalancer(Balancer):
         )
         self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
         self.register_buffer("has_initial_losses", paddle.zeros([self.n_loss], dtype="bool"))
+        self._renormalised_tol = 4.0 * self.n_loss ** 2 * float(np.finfo(dtype).eps)  # |sum(w) - T|: rounding only
         # the last L_grad, for logging (not state: a checkpoint does not hold it)
         self.register_buffer("last_grad_norm_loss", paddle.zeros([], dtype=dtype), persistable=False)
         self._initial_complete = False  # host flag: every L_i(0) taken (read at check_terms, no extra sync)
@@ -228,7 +229,12 @@ class GradNormBalancer(Balancer):
 
     def _normalised(self) -> paddle.Tensor:
         w = self._clip(self.loss_weights.detach())
-        return ops.scale(w, self.n_loss) / ops.total(w)
+        total = ops.total(w)
+        # weights that sum to T up to rounding are kept as they are: renormalising twice is renormalising once
+        # (T w / sum(w) of renormalised weights can move them by an ulp: a second L-BFGS closure call of a step
+        # would then see other weights than the first)
+        done = ops.abs(total - float(self.n_loss)) <= self._renormalised_tol
+        return ops.where(done, w, ops.scale(w, self.n_loss) / total)
 
     @property
     def weights(self) -> dict:

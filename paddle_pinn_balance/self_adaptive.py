@@ -46,8 +46,16 @@ class SelfAdaptive(paddle.nn.Layer):
     Note:
         * With a balancer that reads per-term gradients, call ``balancer.add_parameters(sa.parameters())``
           so its assembled total delivers the point weights' gradient too.
-        * Data-parallel training: each rank owns the weights of its own points (do not wrap this layer in
-          ``DataParallel`` unless the ranks hold the same points); checkpoints are then per rank.
+        * Data-parallel training (``DataParallel`` around the network, not around this layer): each rank owns
+          the weights of its own points, and their gradient is that of the rank's own loss, a mean over its
+          own points: ``world_size`` times what one process on the union of the points gives them (divide
+          their learning rate by ``world_size`` for the single-process trajectory). A term whose points every
+          rank holds (the same points, e.g. a small boundary set) gets the same gradient on every rank, so its
+          weights stay identical on every rank without communication. Checkpoints of owned weights are per
+          rank. Both are tested (``tests/test_distributed.py``, plain sum). With a balancer that reads per-term
+          gradients (``add_parameters``), the gradient matrix is averaged over the ranks in every column, the
+          point weights' too: owned weights then get the mean over ranks of different points' gradients (a
+          known issue, an ``xfail`` test there); shared weights are unaffected.
         * The point count of a term is fixed; a different count raises ``ValueError``.
     """
 
@@ -61,7 +69,7 @@ class SelfAdaptive(paddle.nn.Layer):
         self._lam = {}
         for i, (name, n) in enumerate(points.items()):
             n = check_int(f"points[{name!r}]", n)
-            p = self.create_parameter([n], dtype="float32",
+            p = self.create_parameter([n], dtype=paddle.get_default_dtype(),  # as paddle.nn.Linear's
                                       default_initializer=paddle.nn.initializer.Constant(float(init)))
             self.add_parameter(f"lambda_{i}", p)
             self._lam[name] = p

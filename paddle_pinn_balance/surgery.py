@@ -1,9 +1,10 @@
-"""Gradient surgery at the cost of a plain step: PCGrad, ConFIG and UPGrad.
+"""Gradient surgery at the cost of a plain step: PCGrad, ConFIG (and its momentum variant M-ConFIG) and UPGrad.
 
 Each method replaces the weighted sum ``w^T G`` of the per-term gradients ``G`` (``[K, P]``) by another
 combination ``d(G) = c^T G``. The coefficients ``c`` are found from the ``K x K`` Gram matrix
 ``G G^T`` (one extra matmul), so the direction costs one more ``[K, P]`` matmul than a weighted sum and no
-extra backward: the base class already holds ``G`` on update steps.
+extra backward: the base class already holds ``G`` on update steps. :class:`MConFIG` differentiates one
+term per step (the paper's point: cheaper than a plain step's backward) and combines momenta of the rows.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ from typing import Optional, Sequence
 import numpy as np
 import paddle
 
-from .balancer import Balancer, check_float, check_int
-from .gradients import trainable_parameters
+from . import ops
+from .balancer import Balancer, check_float, check_int, weighted_sum
+from .gradients import (
+    assembled_total,
+    mean_across_ranks,
+    term_gradients,
+    term_gradients_by_backward,
+    trainable_parameters,
+    world_size,
+)
 
-__all__ = ["pcgrad_direction", "config_direction", "upgrad_direction", "PCGrad", "ConFIG", "UPGrad"]
+__all__ = ["pcgrad_direction", "config_direction", "upgrad_direction", "PCGrad", "ConFIG", "MConFIG", "UPGrad"]
 
 
 def _gram(G: paddle.Tensor) -> paddle.Tensor:
@@ -149,7 +158,8 @@ class _Surgery(Balancer):
 _CADENCE = """
     ``update_freq``: the combination is applied on calls with ``step % update_freq == 0`` (default 1:
     every step). Between updates the total is the plain sum :math:`\\sum_i L_i` through the graph (no
-    per-term gradients are taken); the surgery needs ``G`` on every step it is used."""
+    per-term gradients are taken); the surgery needs ``G`` on every step it is used. :class:`MConFIG` needs one
+    term's gradient per step instead (momenta of the others carried over)."""
 
 
 class PCGrad(_Surgery):
@@ -219,7 +229,7 @@ class ConFIG(_Surgery):
         rcond: relative singular-value cutoff of the pseudo-inverse.
 
     Note:
-        The momentum variant (M-ConFIG) is not implemented.
+        The momentum variant (M-ConFIG, one term's gradient per step) is :class:`MConFIG`.
 
     References:
         Q. Liu, M. Chu, N. Thuerey. ConFIG: Towards conflict-free training of physics informed neural
@@ -248,3 +258,167 @@ class UPGrad(_Surgery):
 
     def _coefficients(self, gram):
         return upgrad_coefficients(gram)
+
+
+class MConFIG(_Surgery):
+    __doc__ = r"""M-ConFIG (Liu, Chu, Thuerey, ICLR 2025, the M-ConFIG algorithm, "Algorithm 1" in the authors'
+    documentation; its number in the paper not checked): ConFIG of per-term gradient momenta, one term's
+    gradient per step.
+
+    Each term :math:`i` keeps a momentum :math:`m_{g_i}` of its gradient and a count :math:`t_{g_i}`. An update
+    step takes the gradient of one term only, in turn (term ``u % K`` at the ``u``-th update step, ``u = 0, 1,
+    ...``), and updates that term's momentum; the other momenta are carried over:
+
+    .. math::
+
+        m_{g_i} &\leftarrow \beta_1 m_{g_i} + (1-\beta_1)\nabla_\theta L_i, \quad t_{g_i} \leftarrow t_{g_i} + 1,
+        \qquad \hat m_{g_j} = m_{g_j} / (1 - \beta_1^{t_{g_j}}) \ \ \forall j, \\
+        \hat m_g &= \mathcal{G}(\hat m_{g_1}, \dots, \hat m_{g_K}) \quad (\text{ConFIG, :func:`config_direction`}),
+
+    and with ``second_moment=True`` (the paper's algorithm, which is an Adam step of its own) a pseudo first
+    momentum :math:`m` and a second momentum :math:`v`, with :math:`t` the number of directions produced:
+
+    .. math::
+
+        g_c = \frac{\hat m_g (1-\beta_1^t) - \beta_1 m}{1-\beta_1}, \quad m \leftarrow \beta_1 m + (1-\beta_1) g_c,
+        \quad v \leftarrow \beta_2 v + (1-\beta_2) g_c^2, \quad
+        d = \frac{\hat m_g}{\sqrt{v / (1-\beta_2^t)} + \epsilon} .
+
+    The total's value is :math:`\sum_i L_i`; its backward delivers :math:`d` (``second_moment=False``:
+    :math:`\hat m_g` itself). The paper's update is :math:`\theta \leftarrow \theta - \gamma d`: with
+    ``second_moment=True`` train with plain ``paddle.optimizer.SGD(learning_rate=gamma)`` (Adam would normalise
+    twice; the authors' code gives the same advice). ``second_moment=False`` delivers the ConFIG direction of
+    the bias-corrected momenta (equal positive cosine to every :math:`\hat m_{g_i}`) for any optimizer.
+
+    ``update_freq``: an update step (``step % update_freq == 0``, default 1: every step, as the paper) takes
+    one term's gradient and delivers :math:`d`; between updates the total is the plain sum
+    :math:`\sum_i L_i` through the graph and the momenta are left alone. Until every term has had its turn
+    once (the first ``K - 1`` update steps) the direction is zero: the other momenta have no bias correction
+    yet (the authors' ``PseudoMomentumOperator`` does the same; the paper's algorithm leaves it undefined), so
+    :math:`t` counts from the ``K``-th update step. The authors' code starts with term 0; the paper's
+    algorithm (``i = t % m + 1`` from ``t = 1``) with the second, a cyclic shift.
+
+    Cost: one backward of one term per update step (no backward of the others), a ``K x K`` Gram of the
+    momenta and one ``[K, P]`` product; state ``K + 2`` vectors of the parameters' size.
+
+    A non-finite gradient of the term whose turn it is skips the step: momenta, counts and second moment are
+    kept, the delivered direction is zero, and the turn moves on. Data-parallel: the term's gradient is averaged
+    over ranks first, and every rank takes the same term, so the state is identical on every rank.
+
+    Args:
+        model: the ``paddle.nn.Layer`` (or list of parameters) the losses depend on.
+        beta_1, beta_2, eps: :math:`\beta_1` (momenta, 0.9), :math:`\beta_2` (second momentum, 0.999),
+            :math:`\epsilon` (1e-8), the paper's Adam coefficients.
+        second_moment: apply the paper's second-momentum normalisation (default True).
+        rcond: relative singular-value cutoff of ConFIG's pseudo-inverse.
+
+    Example:
+        >>> import paddle
+        >>> from paddle_pinn_balance.surgery import MConFIG
+        >>> net = paddle.nn.Linear(1, 1)
+        >>> bal = MConFIG(net)
+        >>> opt = paddle.optimizer.SGD(1e-2, parameters=net.parameters())
+        >>> x = paddle.rand([8, 1])
+        >>> for step in range(4):
+        ...     total = bal({"a": (net(x) - 1).pow(2).mean(), "b": (net(x) + 1).pow(2).mean()}, step)
+        ...     total.backward(); opt.step(); opt.clear_grad()
+        >>> bal.momentum_counts.numpy().tolist()  # one gradient per step, in turn
+        [2.0, 2.0]
+
+    References:
+        Q. Liu, M. Chu, N. Thuerey. ConFIG: Towards conflict-free training of physics informed neural
+        networks. ICLR 2025 (the M-ConFIG algorithm); tum-pbs/ConFIG ``PseudoMomentumOperator``.
+    """
+
+    def __init__(self, model, beta_1: float = 0.9, beta_2: float = 0.999, eps: float = 1e-8,
+                 second_moment: bool = True, rcond: float = 1e-6, update_freq: int = 1,
+                 loss_names: Optional[Sequence[str]] = None, check_every: int = 100):
+        self.beta_1 = check_float("beta_1", beta_1, 0.0, 1.0, high_open=True)
+        self.beta_2 = check_float("beta_2", beta_2, 0.0, 1.0, high_open=True)
+        self.m_eps = check_float("eps", eps, 0.0)
+        if not isinstance(second_moment, bool):
+            raise ValueError(f"`second_moment` must be true or false; got {second_moment!r}")
+        self.second_moment = second_moment
+        self.rcond = check_float("rcond", rcond, 0.0, 1.0, low_open=True)
+        self._turn = 0
+        super().__init__(model, update_freq, loss_names, check_every)
+
+    def _n_params(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self._params)
+
+    def _create_state(self, k):
+        super()._create_state(k)
+        self._create_momentum_state(k)
+
+    def _create_momentum_state(self, k):
+        n, dtype = self._n_params(), self._params[0].dtype
+        self.register_buffer("momenta", paddle.zeros([k, n], dtype=dtype))
+        self.register_buffer("momentum_counts", paddle.zeros([k], dtype=dtype))
+        self.register_buffer("pseudo_momentum", paddle.zeros([n], dtype=dtype))
+        self.register_buffer("second_momentum", paddle.zeros([n], dtype=dtype))
+        self.register_buffer("direction_count", paddle.zeros([1], dtype=dtype))
+        self.register_buffer("mconfig_turn", paddle.zeros([1], dtype="int64"))
+
+    def add_parameters(self, params) -> None:
+        if self._turn:
+            raise ValueError("MConFIG.add_parameters must be called before the first update step")
+        super().add_parameters(params)
+        if self._names is not None:  # the state was sized for the model alone
+            self._create_momentum_state(len(self._names))
+
+    def _extra_state_shapes(self, k):
+        n = self._n_params()
+        return {"momenta": [k, n], "momentum_counts": [k], "pseudo_momentum": [n], "second_momentum": [n],
+                "direction_count": [1], "mconfig_turn": [1]}
+
+    def _after_load(self):
+        super()._after_load()
+        self._turn = int(self.mconfig_turn.numpy()[0])
+
+    def _total(self, values, update):
+        if not update:
+            return weighted_sum(ops.stack(values), self.lambdas)
+        params = self._params
+        i = self._turn % len(values)
+        self._turn += 1
+        ops.increment_(self.mconfig_turn)
+        if world_size() == 1:
+            g = term_gradients_by_backward([values[i]], params)
+        else:
+            g = term_gradients([values[i]], params, retain_graph=False)
+        g = ops.reshape(mean_across_ranks(g), [-1])
+        losses = ops.stack([v.detach() for v in values])
+        with paddle.no_grad():
+            d = self._step(i, g)
+        return assembled_total(losses, self.lambdas, d, params)
+
+    def _step(self, i: int, g: paddle.Tensor) -> paddle.Tensor:
+        """Update term ``i``'s momentum with its gradient ``g``; the direction to deliver (device-side)."""
+        b1, b2 = self.beta_1, self.beta_2
+        M, counts = self.momenta, self.momentum_counts
+        ok = ops.all_finite(g)
+        row = M[i]
+        M[i] = ops.where(ok, b1 * row + (1.0 - b1) * g, row)
+        counts[i] = counts[i] + ops.cast(ok, counts.dtype)
+        seen = counts > 0
+        one = ops.filled(None, 1.0, counts)
+        bias = ops.where(seen, one - paddle.pow(ops.filled(None, b1, counts), counts), paddle.ones_like(counts))
+        M_hat = M / bias.unsqueeze(1)
+        m_g = paddle.matmul(config_coefficients(_gram(M_hat), rcond=self.rcond), M_hat)
+        go = ok & paddle.all(seen)
+        t = self.direction_count + ops.cast(go, counts.dtype)  # [1]
+        ops.assign_(t, self.direction_count)
+        if not self.second_moment:
+            return ops.where(go, m_g, paddle.zeros_like(m_g))
+        m_t = m_g * (1.0 - paddle.pow(ops.filled(None, b1, counts), t))
+        g_c = (m_t - b1 * self.pseudo_momentum) / (1.0 - b1)
+        v = b2 * self.second_momentum + (1.0 - b2) * g_c * g_c
+        v_hat = v / (1.0 - paddle.pow(ops.filled(None, b2, counts), t))
+        d = m_g / (paddle.sqrt(v_hat) + self.m_eps)
+        ops.assign_(ops.where(go, m_t, self.pseudo_momentum), self.pseudo_momentum)
+        ops.assign_(ops.where(go, v, self.second_momentum), self.second_momentum)
+        return ops.where(go, d, paddle.zeros_like(d))
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, beta_1={self.beta_1}, beta_2={self.beta_2}, eps={self.m_eps}, "
+                f"second_moment={self.second_moment}")

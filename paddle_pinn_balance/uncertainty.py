@@ -8,6 +8,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float
+from .gradients import rank_mean_gradient
 
 
 def uncertainty_total(losses, log_vars):
@@ -58,8 +59,9 @@ class UncertaintyWeighting(Balancer):
           whatever autograd gives (NaN gradients for :math:`s`, as for the network), and skipping such a
           step is the job of the loop (e.g. ``GradScaler``). A checkpoint with non-finite :math:`s` is
           refused by ``set_state_dict``.
-        * Data-parallel: :math:`s` is a parameter, its gradient is averaged by ``DataParallel`` like the
-          network's.
+        * Data-parallel: :math:`s` lives outside ``DataParallel``; its gradient is averaged over the ranks in
+          the total's backward (:func:`~paddle_pinn_balance.gradients.rank_mean_gradient`), like the network's
+          by the reducer, so every rank holds the same :math:`s` (tested on two ranks).
     """
 
     learns_weights = True
@@ -70,8 +72,9 @@ class UncertaintyWeighting(Balancer):
 
     def _create_state(self, k):
         super()._create_state(k)
-        self.log_vars = self.create_parameter(
-            [k], dtype="float32", default_initializer=paddle.nn.initializer.Constant(self.init_log_var))
+        self.log_vars = self.create_parameter(  # in Paddle's default dtype, as paddle.nn.Linear's parameters
+            [k], dtype=paddle.get_default_dtype(),
+            default_initializer=paddle.nn.initializer.Constant(self.init_log_var))
 
     def _extra_state_shapes(self, k):
         return {"log_vars": [k]}
@@ -80,7 +83,8 @@ class UncertaintyWeighting(Balancer):
         return (0.5 * paddle.exp(-self.log_vars)).detach()
 
     def _total(self, values, update):
-        return uncertainty_total(ops.stack(values), self.log_vars)
+        # data-parallel: log_vars are outside DataParallel; their gradient is averaged over the ranks here
+        return uncertainty_total(ops.stack(values), rank_mean_gradient(self.log_vars))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, init_log_var={self.init_log_var}"

@@ -3,21 +3,21 @@
 import numpy as np
 import paddle
 import pytest
-from reference import make_net
+from reference import DTYPE, make_net
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, Sum
 
 NAMES = ("res", "bc")
 
 
-def batch(step, dtype="float32"):
+def batch(step, dtype=DTYPE):
     rng = np.random.default_rng(1000 + step)  # fresh points each step, as in PINN training
     xr = paddle.to_tensor(rng.uniform(-1, 1, (16, 2)).astype(dtype))
     xb = paddle.to_tensor(rng.uniform(-1, 1, (8, 2)).astype(dtype))
     return xr, xb
 
 
-def losses_of(net, step, dtype="float32"):
+def losses_of(net, step, dtype=DTYPE):
     xr, xb = batch(step, dtype)
     return {"res": (net(xr) ** 2).mean(), "bc": ((net(xb) - 5.0) ** 2).mean()}
 
@@ -41,7 +41,7 @@ BUILDERS = {
 }
 
 
-def run(kind, steps, start=0, state=None, dtype="float32"):
+def run(kind, steps, start=0, state=None, dtype=DTYPE):
     """Train `steps` steps from `start`; optionally restore a checkpoint first."""
     with paddle.utils.unique_name.guard():  # the parameter and optimizer-state names of a fresh process
         model, bal = BUILDERS[kind](make_net(dtype=dtype))
@@ -325,6 +325,34 @@ def test_model_cast_to_float64_after_an_update_gets_float64_gradients():
     for a, b in zip(*grads):
         assert a.dtype == np.float64
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("assemble", [True, False])
+def test_parameters_of_several_dtypes_get_their_own_gradients(assemble):
+    """A float32 parameter added to a float64 net (SelfAdaptive weights built under the float32 default): the
+    per-term gradients are one float64 matrix, each parameter gets its own gradient in its own dtype, and
+    what `.grad` held before is kept (a flattening copy of mixed dtypes would reinterpret the bytes)."""
+    net = make_net(dtype="float64")
+    extra = paddle.create_parameter([3], dtype="float32", default_initializer=paddle.nn.initializer.Constant(0.5))
+    bal = LRAnnealing(net, ref="res", update_freq=1, assemble=assemble)
+    bal.add_parameters([extra])
+    params = net.parameters() + [extra]
+
+    def losses(step):
+        xr, xb = batch(step, "float64")
+        s = (extra.astype("float64") * paddle.to_tensor([1.0, 2.0, 3.0], dtype="float64")).sum()
+        return {"res": (net(xr) ** 2).mean() * s, "bc": ((net(xb) - 5.0) ** 2).mean() + s ** 2}
+
+    for step in range(3):
+        sum((p * 0.25).sum() for p in params).backward()  # an earlier micro-batch: .grad = 0.25
+        bal(losses(step), step).backward()
+        w = bal.weights
+        ref = paddle.grad(sum(w[n] * v for n, v in losses(step).items()), params)
+        for p, r in zip(params, ref):
+            assert p.grad.dtype == p.dtype
+            np.testing.assert_allclose(p.grad.numpy() - 0.25, r.numpy(), rtol=1e-5, atol=1e-6 * np.abs(r.numpy()).max())
+            p.clear_gradient(False)
+        assert w["bc"] != pytest.approx(1.0)
 
 
 def test_a_method_without_an_update_hook_is_refused_when_defined():

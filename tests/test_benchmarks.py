@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 import yaml
+from reference import DTYPE
 
 from paddle_pinn_balance import NTKWeighting, cli
 from paddle_pinn_balance.problems import PROBLEMS, GradNormToy, KleinGordon1D, Poisson1D, Wave1D, get_problem
@@ -139,7 +140,7 @@ def test_gradnorm_toy_targets_heads_and_metric():
     assert np.abs(y[:, :5]).max() <= 1.0
     net = p.build_model(3)
     assert net.get_last_shared_layer() is net.trunk[-2] and isinstance(net.trunk[-2], paddle.nn.Linear)
-    assert net(paddle.to_tensor(x, dtype="float32")).shape == [40, 10]
+    assert net(paddle.to_tensor(x, dtype=DTYPE)).shape == [40, 10]
     assert abs(p.error(net) - 2.0) < 1e-6  # sum_i L_i(0)/L_i(0) = T at the start
     losses = p.losses(net, p.sample(np.random.default_rng(0)))
     assert sorted(losses) == ["task1", "task2"] and float(losses["task2"]) > 100 * float(losses["task1"])

@@ -3,6 +3,7 @@
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 from paddle_pinn_balance import CausalResidual, ReLoBRaLo, build_causal, causal_weights
 
@@ -14,8 +15,8 @@ def np_causal(chunks, eps):
 
 def test_weights_and_loss_match_numpy():
     rng = np.random.default_rng(0)
-    r = rng.normal(size=40).astype("float32")
-    t = rng.uniform(0, 1, 40).astype("float32")
+    r = rng.normal(size=40).astype(DTYPE)
+    t = rng.uniform(0, 1, 40).astype(DTYPE)
     M = 5
     idx = np.minimum((t - t.min()) / (t.max() - t.min()) * M, M - 1).astype(int)
     chunks = np.array([(r[idx == i] ** 2).mean() for i in range(M)])
@@ -28,7 +29,7 @@ def test_weights_and_loss_match_numpy():
 
 
 def test_gradient_has_detached_weights():
-    x = paddle.to_tensor(np.linspace(0.5, 2.0, 12).astype("float32"), stop_gradient=False)
+    x = paddle.to_tensor(np.linspace(0.5, 2.0, 12).astype(DTYPE), stop_gradient=False)
     c = CausalResidual(3, eps=1.0)
     loss = c(x)  # time-major, 4 points per chunk
     (g,) = paddle.grad(loss, x)
@@ -41,8 +42,8 @@ def test_gradient_has_detached_weights():
 def test_matches_ppsci_causal_mse_loss():
     ppsci = pytest.importorskip("ppsci")
     rng = np.random.default_rng(1)
-    out = rng.normal(size=(12, 1)).astype("float32")
-    lab = rng.normal(size=(12, 1)).astype("float32")
+    out = rng.normal(size=(12, 1)).astype(DTYPE)
+    lab = rng.normal(size=(12, 1)).astype(DTYPE)
     ref = ppsci.loss.CausalMSELoss(n_chunks=4, tol=1.5)({"u": paddle.to_tensor(out)}, {"u": paddle.to_tensor(lab)})
     ours = CausalResidual(4, eps=1.5)(paddle.to_tensor(out - lab))
     np.testing.assert_allclose(float(ours), float(ref["u"]), rtol=1e-6)

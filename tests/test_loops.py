@@ -5,11 +5,12 @@ reported weights as constants), whatever the order of ``clear_grad``, ``backward
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, ReLoBRaLo, SoftAdapt, Sum
 
-X_R = np.linspace(-1, 1, 12, dtype="float32").reshape([-1, 1])
-X_B = np.array([[-1.0], [1.0]], dtype="float32")
+X_R = np.linspace(-1, 1, 12, dtype=DTYPE).reshape([-1, 1])
+X_B = np.array([[-1.0], [1.0]], dtype=DTYPE)
 
 
 def make_net(seed=3):
@@ -69,7 +70,7 @@ def put_gradients(params, values):
 
 
 def grads(params):
-    return [np.zeros(p.shape, "float32") if p.grad is None else p.grad.numpy().copy() for p in params]
+    return [np.zeros(p.shape, DTYPE) if p.grad is None else p.grad.numpy().copy() for p in params]
 
 
 def close(a, b):
@@ -96,7 +97,7 @@ def gradnorm_weights(bal, model):
 def test_clear_right_before_backward_with_stale_gradients(kind):
     model, bal, opt, step = setup(kind)
     params = net_params(model)
-    put_gradients(params, [np.full(p.shape, 7.0, "float32") for p in params])  # stale: an earlier step's
+    put_gradients(params, [np.full(p.shape, 7.0, DTYPE) for p in params])  # stale: an earlier step's
     total = bal(losses_of(model), step)
     opt.clear_grad()
     total.backward()
@@ -108,7 +109,7 @@ def test_gradient_accumulation_over_calls(kind):
     """Two calls (the second with the same step: no second update) accumulated onto an earlier .grad."""
     model, bal, opt, step = setup(kind)
     params = net_params(model)
-    prior = [np.full(p.shape, 0.25, "float32") for p in params]
+    prior = [np.full(p.shape, 0.25, DTYPE) for p in params]
     put_gradients(params, prior)
     updates = int(bal.num_updates.numpy()[0])
     bal(losses_of(model), step).backward()
@@ -140,6 +141,23 @@ def test_factor_on_the_total(kind, scale):
     params = net_params(model)
     (bal(losses_of(model), step) * scale).backward()
     close(grads(params), [scale * g for g in reference_grads(model, gradnorm_weights(bal, model))])
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_optimizer_minimize(kind):
+    """Paddle's ``total.backward(); optimizer.minimize(total)`` (its documented dygraph idiom: ``minimize``
+    applies the gradients backward left): SGD moves every parameter by exactly ``-lr`` times autograd's
+    gradient of ``sum_i w_i L_i``."""
+    model, bal, _, step = setup(kind)
+    params = net_params(model)
+    sgd = paddle.optimizer.SGD(0.1, parameters=params)
+    sgd.clear_grad()
+    before = [p.numpy().copy() for p in params]
+    total = bal(losses_of(model), step)
+    ref = reference_grads(model, gradnorm_weights(bal, model))
+    total.backward()
+    sgd.minimize(total)
+    close([p.numpy() for p in params], [b - 0.1 * g for b, g in zip(before, ref)])
 
 
 @pytest.mark.parametrize("kind", ["lra_siam", "ntk_grad_norm", "gradnorm", "relobralo", "ntk_trace"])

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import paddle
 import pytest
-from reference import lra_estimate, make_net, mse_and_grads, numpy_params
+from reference import DTYPE, lra_estimate, make_net, mse_and_grads, numpy_params
 
 from paddle_pinn_balance import LRAnnealing
 
@@ -21,7 +21,7 @@ def make_data(seed=1, scales=(1.0, 30.0, 0.2)):
     return data
 
 
-def paddle_losses(net, data, dtype="float32"):
+def paddle_losses(net, data, dtype=DTYPE):
     out = {}
     for name, (x, t) in data.items():
         u = net(paddle.to_tensor(x.astype(dtype)))
@@ -93,8 +93,8 @@ def test_closed_form_linear_model():
     gr, gb = grad(xr, tr), grad(xb, tb)
     R = np.abs(gr).max() / np.abs(gb).mean()
     lra = LRAnnealing(lin, ref="res", variant="arxiv", alpha=1.0, update_freq=1)
-    losses = {"res": ((lin(paddle.to_tensor(xr, dtype="float32")) - paddle.to_tensor(tr, dtype="float32")) ** 2).mean(),
-              "bc": ((lin(paddle.to_tensor(xb, dtype="float32")) - paddle.to_tensor(tb, dtype="float32")) ** 2).mean()}
+    losses = {"res": ((lin(paddle.to_tensor(xr, dtype=DTYPE)) - paddle.to_tensor(tr, dtype=DTYPE)) ** 2).mean(),
+              "bc": ((lin(paddle.to_tensor(xb, dtype=DTYPE)) - paddle.to_tensor(tb, dtype=DTYPE)) ** 2).mean()}
     lra(losses, 0)
     assert lra.weights["bc"] == pytest.approx(R, rel=1e-5)
 

@@ -4,13 +4,15 @@ of its forms (``paddle._C_ops`` and the public fallback), forward and backward."
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 from paddle_pinn_balance import ops
 
 NAN, INF = float("nan"), float("inf")
+OTHER = "float32" if DTYPE == "float64" else "float64"  # a floating dtype that is not the suite's
 
 
-def t(a, dtype="float32"):
+def t(a, dtype=DTYPE):
     return paddle.to_tensor(np.asarray(a, dtype=dtype))
 
 
@@ -33,7 +35,7 @@ def same(a, b):
 @pytest.fixture
 def G():
     rng = np.random.default_rng(0)
-    g = rng.standard_normal((3, 7)).astype("float32")
+    g = rng.standard_normal((3, 7)).astype(DTYPE)
     g[1, 2] = NAN
     g[2, 4] = INF
     return t(g)
@@ -45,8 +47,8 @@ def test_flatten_cat_and_copy_equal_reshape_concat():
     ref = paddle.concat([x.reshape([-1]) for x in xs])
     same(ops.flatten_cat(xs), ref)
     same(ops.flatten_copy(xs), ref)
-    ref64 = paddle.concat([x.astype("float64").reshape([-1]) for x in xs])
-    same(ops.flatten_copy([x.astype("float64") for x in xs]), ref64)
+    ref_other = paddle.concat([x.astype(OTHER).reshape([-1]) for x in xs])
+    same(ops.flatten_copy([x.astype(OTHER) for x in xs]), ref_other)
 
 
 def test_flatten_copy_is_a_copy():
@@ -58,7 +60,7 @@ def test_flatten_copy_is_a_copy():
 
 def test_flatten_cat_backward_equals_the_public_one():
     rng = np.random.default_rng(2)
-    w = rng.standard_normal(10).astype("float32")
+    w = rng.standard_normal(10).astype(DTYPE)
     grads = []
     for f in (ops.flatten_cat, lambda xs: paddle.concat([x.reshape([-1]) for x in xs])):
         xs = [t(rng.standard_normal(s)) for s in ([2, 3], [4])]
@@ -98,8 +100,8 @@ def test_elementwise_ops():
     same(ops.dot(t([1.0, 2.0]), t([3.0, 4.0])), paddle.dot(t([1.0, 2.0]), t([3.0, 4.0])))
     m = t(np.arange(6).reshape(2, 3))
     same(ops.matmul(t([1.0, 2.0]), m), paddle.matmul(t([1.0, 2.0]), m))
-    same(ops.cast(x, paddle.float64), x.astype("float64"))
-    assert ops.cast(x, paddle.float32) is x
+    same(ops.cast(x, OTHER), x.astype(OTHER))
+    assert ops.cast(x, x.dtype) is x
 
 
 def test_where_expands_a_0d_condition():
@@ -161,9 +163,9 @@ def test_stack_filled_multiply_add_():
     x, y = t([1.0, NAN, 3.0]), t([4.0, 5.0, INF])
     same(ops.stack([x, y]), paddle.stack([x, y]))
     c = ops.filled(3, 1.5, x)
-    same(c, paddle.full([3], 1.5, dtype="float32"))
+    same(c, paddle.full([3], 1.5, dtype=DTYPE))
     assert ops.filled(3, 1.5, x) is c
-    same(ops.filled(None, 2.0, x.astype("float64")), paddle.full([], 2.0, dtype="float64"))
+    same(ops.filled(None, 2.0, x.astype(OTHER)), paddle.full([], 2.0, dtype=OTHER))
     same(ops.multiply(x, y), paddle.multiply(x, y))
     same(ops.multiply(x, t(2.0)), x * 2.0)
     z = t([1.0, 2.0, 3.0])
@@ -180,9 +182,9 @@ def _grad_of(f, arrays, w):
     return [x.grad.numpy() if x.grad is not None else None for x in xs]
 
 
-_A = np.array([[0.3, -1.2, 2.0], [1.5, 0.7, -0.4]], dtype="float32")
-_B = np.array([[1.1, -0.2, 0.5], [-1.5, 2.7, 0.4]], dtype="float32")
-_u, _v = np.array([0.3, -1.2, 2.0], dtype="float32"), np.array([1.1, -0.2, 0.5], dtype="float32")
+_A = np.array([[0.3, -1.2, 2.0], [1.5, 0.7, -0.4]], dtype=DTYPE)
+_B = np.array([[1.1, -0.2, 0.5], [-1.5, 2.7, 0.4]], dtype=DTYPE)
+_u, _v = np.array([0.3, -1.2, 2.0], dtype=DTYPE), np.array([1.1, -0.2, 0.5], dtype=DTYPE)
 BACKWARD = {  # name: (ours, public, inputs)
     "stack": (lambda a, b: ops.stack([a, b]), lambda a, b: paddle.stack([a, b]), [_u, _v]),
     "abs": (ops.abs, paddle.abs, [_A]),
@@ -199,7 +201,7 @@ BACKWARD = {  # name: (ours, public, inputs)
     "matmul": (ops.matmul, paddle.matmul, [_A, _B.T.copy()]),
     "multiply": (ops.multiply, paddle.multiply, [_A, _B]),
     "dot": (ops.dot, paddle.dot, [_u, _v]),
-    "cast": (lambda a: ops.cast(a, paddle.float64), lambda a: a.astype("float64"), [_A]),
+    "cast": (lambda a: ops.cast(a, OTHER), lambda a: a.astype(OTHER), [_A]),
     "where": (lambda a, b: ops.where(a > b, a, b), lambda a, b: paddle.where(a > b, a, b), [_A, _B]),
     "lerp": (lambda a, b: ops.lerp(a, b, t(0.25)), lambda a, b: paddle.lerp(a, b, 0.25), [_A, _B]),
     "clip": (lambda a: ops.clip(a, -1.0, 1.0), lambda a: paddle.clip(a, -1.0, 1.0), [_A]),
@@ -212,6 +214,6 @@ BACKWARD = {  # name: (ours, public, inputs)
 def test_backward_equals_the_public_one(name):
     ours, public, arrays = BACKWARD[name]
     n = int(np.prod(public(*[t(a) for a in arrays]).shape))
-    w = np.linspace(-1.0, 2.0, max(n, 1)).astype("float32")
+    w = np.linspace(-1.0, 2.0, max(n, 1)).astype(DTYPE)
     for a, b in zip(_grad_of(ours, arrays, w), _grad_of(public, arrays, w)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

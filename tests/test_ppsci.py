@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 ppsci = pytest.importorskip("ppsci")
 
@@ -144,11 +145,12 @@ def test_eval_and_visualize_paths_with_the_gradnorm_wrapper(tmp_path):
     train(solver)
     metric, groups = solver.eval()
     assert np.isfinite(metric) and "MSE" in groups
-    grid = {"x": np.linspace(-1, 1, 8, dtype="float32")[:, None], "y": np.zeros([8, 1], "float32")}
-    solver.visualizer = {"vis": ppsci.visualize.VisualizerVtu(grid, {"u": lambda o: o["u"]}, prefix="result_u")}
-    solver.visualize()
-    assert list((tmp_path / "visual").rglob("result_u*"))
-    out = solver.predict({"x": np.zeros([4, 1], "float32"), "y": np.zeros([4, 1], "float32")})
+    if DTYPE == "float32":  # ppsci's VTU writer: float32 coordinates, z = 0 in the default dtype (pyevtk: one)
+        grid = {"x": np.linspace(-1, 1, 8, dtype=DTYPE)[:, None], "y": np.zeros([8, 1], DTYPE)}
+        solver.visualizer = {"vis": ppsci.visualize.VisualizerVtu(grid, {"u": lambda o: o["u"]}, prefix="result_u")}
+        solver.visualize()
+        assert list((tmp_path / "visual").rglob("result_u*"))
+    out = solver.predict({"x": np.zeros([4, 1], DTYPE), "y": np.zeros([4, 1], DTYPE)})
     assert list(out["u"].shape) == [4, 1]
     ref = model({"x": paddle.zeros([4, 1]), "y": paddle.zeros([4, 1])})["u"]
     np.testing.assert_allclose(out["u"].numpy(), ref.numpy(), rtol=1e-6)
@@ -332,7 +334,9 @@ def test_constraint_kernels_several_output_keys_and_merged_keys():
     np.testing.assert_allclose(v.numpy(), ref_v, rtol=1e-5, atol=1e-7)
 
 
-def test_expression_calling_the_network_itself_takes_the_exact_loop():
+def test_expression_calling_the_network_itself_is_recorded_exactly():
+    """An output expression that evaluates the network again (as ``ppsci.equation.Helmholtz`` does) instead of
+    reading ``out["u"]``: the recording sees the parameters' uses wherever they happen: fast and exact."""
     ppsci.utils.misc.set_random_seed(0)
     model = ppsci.arch.MLP(("x", "y"), ("u",), 2, 8, "tanh")
     rect = ppsci.geometry.Rectangle((-1.0, -1.0), (1.0, 1.0))
@@ -344,8 +348,8 @@ def test_expression_calling_the_network_itself_takes_the_exact_loop():
     kernel = adapter.constraint_kernels(cons, model)["s"]
     got, ran = per_point_sq_grad_norms(adapter.ntk_model(model), kernel, return_path=True)
     ref = per_point_sq_grad_norms(model, kernel, path="loop")
-    assert ran == "loop"
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-6)
+    assert ran == "expanded"
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5)
     assert float(ref.sum()) > 0
 
 

@@ -4,6 +4,7 @@ does (all of the constraint's expressions in order on one dict, sharing fused de
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 ppsci = pytest.importorskip("ppsci")
 
@@ -112,7 +113,7 @@ def equation_problem(case):
     first = outs[0]
     bc = ppsci.constraint.BoundaryConstraint({f"{first}_bc": lambda d, k=first: d[k]}, {f"{first}_bc": 0.0}, geom,
                                              {**loader, "batch_size": 4}, ppsci.loss.MSELoss("mean"), name="BC")
-    return model, {pde.name: pde, bc.name: bc}, eq, {k: v.astype("float32") for k, v in pts.items()}
+    return model, {pde.name: pde, bc.name: bc}, eq, {k: v.astype(DTYPE) for k, v in pts.items()}
 
 
 def per_point_traces(model, eq, pts):
@@ -212,8 +213,8 @@ def test_a_label_shared_by_several_constraints_is_one_term_over_the_union_of_the
     left = ppsci.constraint.BoundaryConstraint({"u": lambda d: 2.0 * d["u"]}, {"u": 0}, rect, loader,
                                                ppsci.loss.MSELoss("sum"), name="BC_left")
     cons = {"BC_top": top, "BC_left": left}
-    pts = {"BC_top": {"x": np.array([[0.1], [0.5], [0.9]], "float32"), "y": np.ones((3, 1), "float32")},
-           "BC_left": {"x": np.zeros((2, 1), "float32"), "y": np.array([[0.2], [0.7]], "float32")}}
+    pts = {"BC_top": {"x": np.array([[0.1], [0.5], [0.9]], DTYPE), "y": np.ones((3, 1), DTYPE)},
+           "BC_left": {"x": np.zeros((2, 1), DTYPE), "y": np.array([[0.2], [0.7]], DTYPE)}}
     ppsci.solver.Solver(model, cons, output_dir=str(tmp_path))
     kernels = constraint_kernels(cons, model, points=pts)
     assert sorted(kernels) == ["u", "v"]

@@ -4,6 +4,7 @@
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 ppsci = pytest.importorskip("ppsci")
 
@@ -77,9 +78,10 @@ SOLVER_CONFIGS = {
     "pcgrad": {},
     "conflict_free": {},
     "upgrad": {},
+    "m_conflict_free": {},
 }
 #: methods whose weights stay 1 by design (the surgery methods change the direction, not the weights)
-FIXED_WEIGHTS = ("sum", "pcgrad", "conflict_free", "upgrad")
+FIXED_WEIGHTS = ("sum", "pcgrad", "conflict_free", "upgrad", "m_conflict_free")
 
 
 def poisson_constraints():
@@ -308,7 +310,7 @@ def test_uncertainty_with_lbfgs_in_the_solver(tmp_path):
 def test_causal_residual_in_a_solver_loss(tmp_path):
     """A causal residual as one term: ``CausalMSELoss`` semantics from our layer (time-major points)."""
     c = CausalResidual(4, eps=1.0)
-    loss = c(paddle.to_tensor(np.ones([16], "float32")))
+    loss = c(paddle.to_tensor(np.ones([16], DTYPE)))
     np.testing.assert_allclose(float(loss), np.mean(np.exp(-np.arange(4.0))), rtol=1e-6)
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 from paddle_pinn_balance import ReLoBRaLo, build_balancer
 from paddle_pinn_balance.relobralo import relobralo_weights
@@ -42,7 +43,7 @@ def np_relobralo(seq, alpha, p, tau, eps=1e-8, seed=0):
 def run(bal, seq, start=0):
     ws, totals = [], []
     for t, L in enumerate(seq, start=start):
-        total = bal({n: paddle.to_tensor(v, dtype="float32") for n, v in zip(NAMES, L)}, t)
+        total = bal({n: paddle.to_tensor(v, dtype=DTYPE) for n, v in zip(NAMES, L)}, t)
         ws.append([bal.weights[n] for n in NAMES])
         totals.append(float(total))
     return np.array(ws), np.array(totals)

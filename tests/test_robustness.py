@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import paddle.amp.grad_scaler as grad_scaler
 import pytest
-from reference import make_net
+from reference import DTYPE, make_net
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, Sum, build_balancer
 from paddle_pinn_balance.config import REGISTRY, allowed_keys
@@ -38,8 +38,8 @@ KINDS = ["lra", "gradnorm", "ntk_grad_norm", "ntk_trace"]
 
 def losses_of(model, step, scale=(1.0, 1.0)):
     rng = np.random.default_rng(step)
-    xr = paddle.to_tensor(rng.uniform(-1, 1, (12, 2)).astype("float32"))
-    xb = paddle.to_tensor(rng.uniform(-1, 1, (6, 2)).astype("float32"))
+    xr = paddle.to_tensor(rng.uniform(-1, 1, (12, 2)).astype(DTYPE))
+    xb = paddle.to_tensor(rng.uniform(-1, 1, (6, 2)).astype(DTYPE))
     return {"res": scale[0] * (model(xr) ** 2).mean(), "bc": scale[1] * ((model(xb) - 1.0) ** 2).mean()}
 
 
@@ -86,6 +86,8 @@ def run_amp(kind, scaling, overflow_at=None, steps=4):
     return history
 
 
+@pytest.mark.skipif(DTYPE == "float64", reason="Paddle's GradScaler checks and unscales float16, bfloat16 and "
+                    "float32 gradients only (core.eager.get_grads_lists leaves float64 ones out): mixed precision")
 @pytest.mark.parametrize("kind", KINDS)
 def test_grad_scaler_gives_the_same_weights_and_skips_overflow_updates(kind):
     with warnings.catch_warnings():
@@ -186,7 +188,7 @@ def test_one_non_finite_gradient_entry_skips_the_update(kind, bad, row):
     net = make_net()
     bal = _two_term(kind)(net)
     n = sum(int(np.prod(p.shape)) for p in net.parameters())
-    G = np.random.default_rng(0).standard_normal((2, n)).astype("float32")
+    G = np.random.default_rng(0).standard_normal((2, n)).astype(DTYPE)
     bal._update_from_gradients(None, paddle.to_tensor(G))
     before = bal.weights
     G[row, 3] = bad

@@ -3,6 +3,7 @@
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 from paddle_pinn_balance import LRAnnealing, SelfAdaptive
 
@@ -12,8 +13,8 @@ def test_ascent_direction_matches_numpy():
     lam0 = np.array([1.0, 2.0, 0.5])
     for mask, dm in (("polynomial", lambda a: 2 * a), ("sigmoid", lambda a: np.exp(-a) / (1 + np.exp(-a)) ** 2)):
         sa = SelfAdaptive({"res": 3}, mask=mask)
-        paddle.assign(paddle.to_tensor(lam0.astype("float32")), sa.weight("res"))
-        loss = sa({"res": paddle.to_tensor(r.astype("float32"))})["res"]
+        paddle.assign(paddle.to_tensor(lam0.astype(DTYPE)), sa.weight("res"))
+        loss = sa({"res": paddle.to_tensor(r.astype(DTYPE))})["res"]
         m = lam0 ** 2 if mask == "polynomial" else 1 / (1 + np.exp(-lam0))
         np.testing.assert_allclose(float(loss), np.mean(m * r ** 2), rtol=1e-6)
         (g,) = paddle.grad(loss, [sa.weight("res")])
@@ -56,9 +57,9 @@ def test_sharp_layer_weights_concentrate_and_resume_bit_exact():
     # u'' = f on [-1, 1], u = tanh(20 x): the residual is large near x = 0
     net = _net()
     n = 64
-    xs = np.linspace(-1, 1, n).astype("float32").reshape(n, 1)
+    xs = np.linspace(-1, 1, n).astype(DTYPE).reshape(n, 1)
     k = 20.0
-    f = (-2 * k ** 2 * np.tanh(k * xs) / np.cosh(k * xs) ** 2).astype("float32")
+    f = (-2 * k ** 2 * np.tanh(k * xs) / np.cosh(k * xs) ** 2).astype(DTYPE)
     x = paddle.to_tensor(xs)
     x.stop_gradient = False
     fx = paddle.to_tensor(f)
@@ -89,3 +90,21 @@ def test_sharp_layer_weights_concentrate_and_resume_bit_exact():
     sa2.set_state_dict(state)
     for a, b in zip(sa.parameters(), sa2.parameters()):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_built_from_yaml_like_any_balancer(tmp_path):
+    from paddle_pinn_balance import build_balancer, build_loss_layer
+
+    path = tmp_path / "sa.yaml"
+    path.write_text("name: self_adaptive\npoints: {res: 3, bc: 2}\nmask: polynomial\nq: 2.0\ninit: 0.5\n")
+    sa = build_loss_layer(str(path))
+    assert sa.names == ("res", "bc") and sa.q == 2.0
+    np.testing.assert_array_equal(sa.weight("res").numpy(), [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="allowed"):
+        build_loss_layer({"name": "self_adaptive", "points": {"res": 3}, "qq": 1})
+    with pytest.raises(ValueError, match="unknown loss layer"):
+        build_loss_layer({"name": "lr_annealing"})
+    with pytest.raises(ValueError, match="build_loss_layer"):
+        build_balancer({"name": "self_adaptive", "points": {"res": 3}}, paddle.nn.Linear(1, 1))
+    causal = build_loss_layer({"name": "causal", "n_chunks": 4, "eps": 1.0})
+    assert type(causal).__name__ == "CausalResidual"

@@ -3,6 +3,7 @@
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 from paddle_pinn_balance import UncertaintyWeighting, build_balancer
 
@@ -74,7 +75,7 @@ def test_nonfinite_loss_and_checkpoint():
     total.backward()
     assert np.isnan(bal.log_vars.grad.numpy()[0])  # documented: the optimizer sees what autograd gives
     state = {k: v.numpy().copy() for k, v in bal.state_dict().items()}
-    state["log_vars"] = np.array([np.nan, 0.0], "float32")
+    state["log_vars"] = np.array([np.nan, 0.0], DTYPE)
     fresh = UncertaintyWeighting(loss_names=["a", "b"], init_log_var=1.0)
     with pytest.raises(ValueError, match="log_vars"):
         fresh.set_state_dict(state)

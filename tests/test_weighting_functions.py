@@ -131,9 +131,9 @@ def test_lra_non_finite_gradients_and_the_class_skips_them():
     # the class: finite G -> lambda = 0.9 * 1 + 0.1 * 4 / (1 * 0.5 + 1e-8) = 1.7; non-finite G -> kept
     lra = LRAnnealing(paddle.nn.Linear(1, 1), ref="res", loss_names=["res", "bc"], update_freq=1)
     for G in ([[3, 4], [math.inf, 1]], [[math.nan, 4], [0, 1]]):
-        lra._update_from_gradients(None, T(G, "float32"))
+        lra._update_from_gradients(None, T(G))
         assert lra.weights == {"res": 1.0, "bc": 1.0}
-    lra._update_from_gradients(None, T([[3, 4], [0, 1]], "float32"))
+    lra._update_from_gradients(None, T([[3, 4], [0, 1]]))
     assert lra.weights["res"] == 1.0 and lra.weights["bc"] == pytest.approx(1.7, rel=1e-6)
 
 

@@ -40,11 +40,12 @@ class MLP(paddle.nn.Layer):
             raise ValueError(f"`layers` must list at least two positive widths; got {list(layers)}")
         if len(mean) != layers[0] or len(std) != layers[0]:
             raise ValueError(f"`mean` and `std` need {layers[0]} entries (the input width)")
-        self.register_buffer("mean", paddle.to_tensor([list(mean)], dtype="float32"))
+        dtype = paddle.get_default_dtype()  # the Linear layers' dtype
+        self.register_buffer("mean", paddle.to_tensor([list(mean)], dtype=dtype))
         if any(float(s) <= 0 for s in std):
             raise ValueError(f"`std` entries must be positive; got {list(std)}")
         # stored as 1/std: a product keeps third derivatives available (Paddle has no divide_double_grad grad)
-        self.register_buffer("inv_std", paddle.to_tensor([[1.0 / float(s) for s in std]], dtype="float32"))
+        self.register_buffer("inv_std", paddle.to_tensor([[1.0 / float(s) for s in std]], dtype=dtype))
         init = {
             "weight_attr": paddle.ParamAttr(initializer=paddle.nn.initializer.XavierNormal()),
             "bias_attr": paddle.ParamAttr(initializer=paddle.nn.initializer.Constant(0.0)),
@@ -108,7 +109,7 @@ class Problem(abc.ABC):
     @paddle.no_grad()
     def predict(self, model, x: np.ndarray) -> np.ndarray:
         """The model at points ``x`` (``numpy`` in, ``numpy`` out)."""
-        return model(paddle.to_tensor(np.asarray(x, dtype="float32"))).numpy()
+        return model(paddle.to_tensor(np.asarray(x, dtype=paddle.get_default_dtype()))).numpy()
 
     def error(self, model) -> float:
         """Relative L2 error of ``model`` on :meth:`test_grid`."""

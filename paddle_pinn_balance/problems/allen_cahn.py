@@ -184,9 +184,9 @@ class AllenCahn1D(Problem):
         x_ic = np.stack([s, np.zeros(n)], axis=1)
         t = rng.uniform(0.0, 1.0, n)
         x_bc = np.concatenate([np.stack([-np.ones(n), t], 1), np.stack([np.ones(n), t], 1)])
-        f32 = lambda v: paddle.to_tensor(v, dtype="float32")  # noqa: E731
-        return {"x_res": f32(x_res), "x_ic": f32(x_ic), "u_ic": f32((s ** 2 * np.cos(math.pi * s))[:, None]),
-                "x_bc": f32(x_bc)}
+        tensor = lambda v: paddle.to_tensor(v, dtype=paddle.get_default_dtype())  # noqa: E731
+        return {"x_res": tensor(x_res), "x_ic": tensor(x_ic), "u_ic": tensor((s ** 2 * np.cos(math.pi * s))[:, None]),
+                "x_bc": tensor(x_bc)}
 
     def _residual(self, model, batch):
         x = batch["x_res"].detach()

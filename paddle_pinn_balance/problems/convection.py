@@ -83,8 +83,9 @@ class Convection1D(Problem):
         x_ic = np.stack([rng.uniform(0.0, self.x_max, n), np.zeros(n)], axis=1)
         t = rng.uniform(0.0, 1.0, n)
         x_bc = np.concatenate([np.stack([np.zeros(n), t], 1), np.stack([np.full(n, self.x_max), t], 1)])
-        f32 = lambda a: paddle.to_tensor(a, dtype="float32")  # noqa: E731
-        return {"x_res": f32(x_res), "x_ic": f32(x_ic), "u_ic": f32(np.sin(x_ic[:, 0:1])), "x_bc": f32(x_bc)}
+        tensor = lambda a: paddle.to_tensor(a, dtype=paddle.get_default_dtype())  # noqa: E731
+        return {"x_res": tensor(x_res), "x_ic": tensor(x_ic), "u_ic": tensor(np.sin(x_ic[:, 0:1])),
+                "x_bc": tensor(x_bc)}
 
     def _residual(self, model, batch):
         _, u_x, u_t = first_derivatives(model, batch["x_res"])

@@ -106,7 +106,8 @@ class GradNormToy(Problem):
 
     def sample(self, rng: np.random.Generator) -> dict:
         x = self._inputs(rng, self.batch_size)
-        return {"x": paddle.to_tensor(x, dtype="float32"), "y": paddle.to_tensor(self.exact(x), dtype="float32")}
+        dtype = paddle.get_default_dtype()
+        return {"x": paddle.to_tensor(x, dtype=dtype), "y": paddle.to_tensor(self.exact(x), dtype=dtype)}
 
     def losses(self, model, batch: dict) -> dict:
         err = (model(batch["x"]) - batch["y"]) ** 2

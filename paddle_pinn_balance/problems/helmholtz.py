@@ -113,10 +113,11 @@ class Helmholtz2D(Problem):
             np.stack([np.full(n, lo), t[3]], axis=1),  # left,   x = -1
         ]
         x_bc = np.concatenate(edges, axis=0)
+        dtype = paddle.get_default_dtype()
         return {
-            "x_res": paddle.to_tensor(x_res, dtype="float32"),
-            "q": paddle.to_tensor(self.forcing(x_res), dtype="float32"),
-            "x_bc": paddle.to_tensor(x_bc, dtype="float32"),
+            "x_res": paddle.to_tensor(x_res, dtype=dtype),
+            "q": paddle.to_tensor(self.forcing(x_res), dtype=dtype),
+            "x_bc": paddle.to_tensor(x_bc, dtype=dtype),
         }
 
     def losses(self, model, batch: dict) -> dict:

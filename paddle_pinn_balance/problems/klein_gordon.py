@@ -74,9 +74,9 @@ class KleinGordon1D(SpaceTimeSquare):
     def sample(self, rng: np.random.Generator) -> dict:
         """``x_res`` ``[n, 2]``, ``x_ic`` ``[n, 2]`` (t = 0), ``x_bc`` ``[2n, 2]`` (x = 0 then x = 1), data."""
         x_res, x_ic, x_bc = self.draw(rng)
-        f32 = lambda a: paddle.to_tensor(a, dtype="float32")  # noqa: E731
-        return {"x_res": f32(x_res), "f": f32(self.forcing(x_res)), "x_ic": f32(x_ic), "u_ic": f32(x_ic[:, 0:1]),
-                "x_bc": f32(x_bc), "u_bc": f32(self.exact(x_bc))}
+        tensor = lambda a: paddle.to_tensor(a, dtype=paddle.get_default_dtype())  # noqa: E731
+        return {"x_res": tensor(x_res), "f": tensor(self.forcing(x_res)), "x_ic": tensor(x_ic),
+                "u_ic": tensor(x_ic[:, 0:1]), "x_bc": tensor(x_bc), "u_bc": tensor(self.exact(x_bc))}
 
     def losses(self, model, batch: dict) -> dict:
         u, u_xx, u_tt = self.second_derivatives(model, batch["x_res"])

@@ -25,8 +25,9 @@ class Standardise(paddle.nn.Layer):
         super().__init__()
         if len(mean) != len(std) or any(float(s) <= 0 for s in std):
             raise ValueError(f"`mean` and `std` need the same length and positive `std`; got {mean}, {std}")
-        self.register_buffer("mean", paddle.to_tensor([[float(m) for m in mean]], dtype="float32"))
-        self.register_buffer("inv_std", paddle.to_tensor([[1.0 / float(s) for s in std]], dtype="float32"))
+        dtype = paddle.get_default_dtype()  # the Linear layers' dtype
+        self.register_buffer("mean", paddle.to_tensor([[float(m) for m in mean]], dtype=dtype))
+        self.register_buffer("inv_std", paddle.to_tensor([[1.0 / float(s) for s in std]], dtype=dtype))
 
     def forward(self, x):
         return (x - self.mean) * self.inv_std

@@ -68,9 +68,10 @@ class Poisson1D(Problem):
         x_res = np.linspace(0.0, 1.0, self.n_res)[:, None]
         half = self.n_bc // 2
         x_bc = np.concatenate([np.zeros((half, 1)), np.ones((self.n_bc - half, 1))])
-        self._batch = {"x_res": paddle.to_tensor(x_res, dtype="float32"),
-                       "f": paddle.to_tensor(self.forcing(x_res), dtype="float32"),
-                       "x_bc": paddle.to_tensor(x_bc, dtype="float32")}
+        dtype = paddle.get_default_dtype()
+        self._batch = {"x_res": paddle.to_tensor(x_res, dtype=dtype),
+                       "f": paddle.to_tensor(self.forcing(x_res), dtype=dtype),
+                       "x_bc": paddle.to_tensor(x_bc, dtype=dtype)}
 
     def exact(self, x: np.ndarray) -> np.ndarray:
         """:math:`u = \\sin(a\\pi x)` (``[N, 1]`` -> ``[N, 1]``)."""

@@ -85,12 +85,13 @@ class Poisson2DPieces(Problem):
         s = rng.uniform(0.0, 1.0, size=(4, n))
         edges = {"bottom": np.stack([s[0], np.zeros(n)], 1), "top": np.stack([s[1], np.ones(n)], 1),
                  "right": np.stack([np.ones(n), s[2]], 1), "left": np.stack([np.zeros(n), s[3]], 1)}
-        f32 = lambda v: paddle.to_tensor(v, dtype="float32")  # noqa: E731
-        batch = {"x_res": f32(x_res), "f": f32(self.forcing(x_res)), "g_left": f32(self.neumann(s[3])[:, None])}
+        tensor = lambda v: paddle.to_tensor(v, dtype=paddle.get_default_dtype())  # noqa: E731
+        batch = {"x_res": tensor(x_res), "f": tensor(self.forcing(x_res)),
+                 "g_left": tensor(self.neumann(s[3])[:, None])}
         for name, pts in edges.items():
-            batch[f"x_{name}"] = f32(pts)
+            batch[f"x_{name}"] = tensor(pts)
             if name != "left":
-                batch[f"u_{name}"] = f32(self.exact(pts))
+                batch[f"u_{name}"] = tensor(self.exact(pts))
         return batch
 
     def _residual(self, model, batch):

@@ -71,8 +71,8 @@ class Wave1D(SpaceTimeSquare):
         """``x_res`` ``[n, 2]``; ``x_u`` ``[3n, 2]`` (t = 0, x = 0, x = 1) with data ``u_u``; ``x_ic`` ``[n, 2]``."""
         x_res, x_ic, x_edges = self.draw(rng)
         x_u = np.concatenate([x_ic, x_edges])
-        f32 = lambda a: paddle.to_tensor(a, dtype="float32")  # noqa: E731
-        return {"x_res": f32(x_res), "x_u": f32(x_u), "u_u": f32(self.exact(x_u)), "x_ic": f32(x_ic)}
+        tensor = lambda a: paddle.to_tensor(a, dtype=paddle.get_default_dtype())  # noqa: E731
+        return {"x_res": tensor(x_res), "x_u": tensor(x_u), "u_u": tensor(self.exact(x_u)), "x_ic": tensor(x_ic)}
 
     def _values(self, model, batch):
         return model(batch["x_u"]) - batch["u_u"]
