@@ -286,13 +286,7 @@ class Balancer(paddle.nn.Layer):
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
-        if not self.assemble:
-            G = term_gradients(values, params, retain_graph=True)
-        elif world_size() == 1:
-            G = term_gradients_by_backward(values, params)
-        else:
-            G = term_gradients(values, params, retain_graph=False)
-        G = self._mean_across_ranks(G)  # data-parallel: the gradient on all ranks' points, the same on every rank
+        G = self._term_gradients(values)
         losses = ops.stack([v.detach() for v in values])
         extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
@@ -328,6 +322,19 @@ class Balancer(paddle.nn.Layer):
         if "_n_model" not in self.__dict__:
             self._n_model = sum(int(np.prod(p.shape)) for p in self._params)
         self._params = list(self._params) + [p for p in extra if id(p) not in ids]
+
+    def _term_gradients(self, values: list) -> paddle.Tensor:
+        """``G`` (``[len(values), params]``) of ``values`` with respect to ``self._params``: per-term backward
+        passes (``.grad`` restored) on one process with ``assemble``, ``paddle.grad`` otherwise (keeping the
+        graph for the plain sum's backward when not assembling; no reducer traffic data-parallel); then
+        averaged over the ranks: the gradient on all ranks' points, the same on every rank."""
+        if not self.assemble:
+            G = term_gradients(values, self._params, retain_graph=True)
+        elif world_size() == 1:
+            G = term_gradients_by_backward(values, self._params)
+        else:
+            G = term_gradients(values, self._params, retain_graph=False)
+        return self._mean_across_ranks(G)
 
     def _mean_across_ranks(self, G: paddle.Tensor) -> paddle.Tensor:
         """``G`` averaged over the data-parallel ranks in the model's columns; the columns of

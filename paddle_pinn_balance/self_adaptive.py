@@ -52,10 +52,9 @@ class SelfAdaptive(paddle.nn.Layer):
           their learning rate by ``world_size`` for the single-process trajectory). A term whose points every
           rank holds (the same points, e.g. a small boundary set) gets the same gradient on every rank, so its
           weights stay identical on every rank without communication. Checkpoints of owned weights are per
-          rank. Both are tested (``tests/test_distributed.py``, plain sum). With a balancer that reads per-term
-          gradients (``add_parameters``), the gradient matrix is averaged over the ranks in every column, the
-          point weights' too: owned weights then get the mean over ranks of different points' gradients (a
-          known issue, an ``xfail`` test there); shared weights are unaffected.
+          rank. With a balancer that reads per-term gradients (``add_parameters``) the same holds: only the
+          model's columns of the gradient matrix are averaged over the ranks, the point weights' stay the
+          rank's own. Both are tested on two ranks (``tests/test_distributed.py``, plain sum and LRA).
         * The point count of a term is fixed; a different count raises ``ValueError``.
     """
 

@@ -16,14 +16,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float, check_int, weighted_sum
-from .gradients import (
-    assembled_total,
-    mean_across_ranks,
-    term_gradients,
-    term_gradients_by_backward,
-    trainable_parameters,
-    world_size,
-)
+from .gradients import assembled_total, trainable_parameters
 
 __all__ = ["pcgrad_direction", "config_direction", "upgrad_direction", "PCGrad", "ConFIG", "MConFIG", "UPGrad"]
 
@@ -378,19 +371,14 @@ class MConFIG(_Surgery):
     def _total(self, values, update):
         if not update:
             return weighted_sum(ops.stack(values), self.lambdas)
-        params = self._params
         i = self._turn % len(values)
         self._turn += 1
         ops.increment_(self.mconfig_turn)
-        if world_size() == 1:
-            g = term_gradients_by_backward([values[i]], params)
-        else:
-            g = term_gradients([values[i]], params, retain_graph=False)
-        g = ops.reshape(mean_across_ranks(g), [-1])
+        g = ops.reshape(self._term_gradients([values[i]]), [-1])  # this turn's term only
         losses = ops.stack([v.detach() for v in values])
         with paddle.no_grad():
             d = self._step(i, g)
-        return assembled_total(losses, self.lambdas, d, params)
+        return assembled_total(losses, self.lambdas, d, self._params)
 
     def _step(self, i: int, g: paddle.Tensor) -> paddle.Tensor:
         """Update term ``i``'s momentum with its gradient ``g``; the direction to deliver (device-side)."""

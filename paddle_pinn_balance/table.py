@@ -40,7 +40,7 @@ import sys
 import time
 
 from .balancer import check_int
-from .plots import plot_heatmap
+from .plots import _fmt, plot_heatmap
 from .runner import _fail, read_yaml
 
 __all__ = ["load_table", "run_table", "summarise", "table_text"]
@@ -269,10 +269,6 @@ def _add_time_ratios(records: list) -> None:
         base = plain.get(r["problem"])
         r["time_ratio"] = (statistics.median(r["time_per_step_ms"]) / base
                            if base and r.get("time_per_step_ms") else None)
-
-
-def _fmt(x) -> str:
-    return "nan" if x is None or not math.isfinite(x) else f"{x:.2e}"
 
 
 def table_text(data: dict) -> str:

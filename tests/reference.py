@@ -105,3 +105,28 @@ def lra_estimate(grads, ref, lambdas, statistic, reduction, lambda_inside, eps):
             num = max(num_stat(grads[r]) for r in ref)
             out[name] = num / (lam * den_stat(arrs) + eps)
     return out
+
+
+class Analytic(paddle.nn.Layer):
+    """A parameter-free 'network' given by a formula in paddle ops of the input columns."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(*[x[:, i:i + 1] for i in range(x.shape[1])])
+
+
+def fd_first(fn, x, axis, h=1e-5):
+    """Central first difference of the numpy function ``fn`` along input column ``axis``."""
+    e = np.zeros((1, x.shape[1]))
+    e[0, axis] = h
+    return (fn(x + e) - fn(x - e)) / (2 * h)
+
+
+def fd_second(fn, x, axis, h=1e-4):
+    """Central second difference of the numpy function ``fn`` along input column ``axis``."""
+    e = np.zeros((1, x.shape[1]))
+    e[0, axis] = h
+    return (fn(x + e) - 2 * fn(x) + fn(x - e)) / h**2

@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 import yaml
-from reference import DTYPE
+from reference import DTYPE, Analytic, fd_second
 
 from paddle_pinn_balance import NTKWeighting, cli
 from paddle_pinn_balance.problems import PROBLEMS, GradNormToy, KleinGordon1D, Poisson1D, Wave1D, get_problem
@@ -27,23 +27,6 @@ SMOKE_OVERRIDES = {"wave1d_full.yaml": ["--set", "layers=[2,32,32,32,1]"]}
 EFFECT_ITERS = 1000
 
 
-class Analytic(paddle.nn.Layer):
-    """A parameter-free 'network' given by a formula in paddle ops of the input columns."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(*[x[:, i:i + 1] for i in range(x.shape[1])])
-
-
-def _fd_second(fn, x, axis, h=1e-4):
-    e = np.zeros((1, x.shape[1]))
-    e[0, axis] = h
-    return (fn(x + e) - 2 * fn(x) + fn(x - e)) / h**2
-
-
 # ------------------------------------------------------------------ the problems themselves
 
 
@@ -58,7 +41,7 @@ def test_klein_gordon_exact_solution_and_data():
     p = KleinGordon1D()
     x = np.random.default_rng(0).uniform(0.05, 0.95, size=(200, 2))
     u = p.exact(x)
-    lhs = _fd_second(p.exact, x, 1) - _fd_second(p.exact, x, 0) + u**3
+    lhs = fd_second(p.exact, x, 1) - fd_second(p.exact, x, 0) + u**3
     np.testing.assert_allclose(lhs, p.forcing(x), atol=1e-4 * np.abs(p.forcing(x)).max())
     s = np.linspace(0, 1, 11)
     np.testing.assert_allclose(p.exact(np.stack([s, 0 * s], 1))[:, 0], s, atol=1e-12)  # u(x, 0) = x
@@ -84,7 +67,7 @@ def test_klein_gordon_losses_vanish_for_the_exact_solution():
 def test_wave_exact_solution_and_losses():
     p = Wave1D(layers=(2, 8, 1), batch_size=50)
     x = np.random.default_rng(0).uniform(0.05, 0.95, size=(200, 2))
-    np.testing.assert_allclose(_fd_second(p.exact, x, 1), 4 * _fd_second(p.exact, x, 0), atol=2e-3 * 16 * 40)
+    np.testing.assert_allclose(fd_second(p.exact, x, 1), 4 * fd_second(p.exact, x, 0), atol=2e-3 * 16 * 40)
     s = np.linspace(0, 1, 11)
     np.testing.assert_allclose(p.exact(np.stack([s, 0 * s], 1))[:, 0],
                                np.sin(math.pi * s) + 0.5 * np.sin(4 * math.pi * s), atol=1e-12)
@@ -101,7 +84,7 @@ def test_wave_exact_solution_and_losses():
 def test_poisson_exact_solution_losses_and_ntk_parameterisation():
     p = Poisson1D()
     x = np.linspace(0.05, 0.95, 50)[:, None]
-    np.testing.assert_allclose(_fd_second(p.exact, x, 0), p.forcing(x), atol=1e-3 * 160)
+    np.testing.assert_allclose(fd_second(p.exact, x, 0), p.forcing(x), atol=1e-3 * 160)
     losses = p.losses(Analytic(lambda x: paddle.sin(4 * math.pi * x)), p.sample(None))
     assert float(losses["bc"]) < 1e-10 and float(losses["res"]) < 1e-6 * 160**2
     b = p.sample(None)

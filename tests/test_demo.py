@@ -7,6 +7,7 @@ import os
 import numpy as np
 import paddle
 import pytest
+from reference import Analytic
 
 from paddle_pinn_balance import cli
 from paddle_pinn_balance.problems import Helmholtz2D, get_problem, relative_l2
@@ -15,17 +16,6 @@ from paddle_pinn_balance.train import train
 
 def small_problem():
     return Helmholtz2D(layers=(2, 8, 8, 1), batch_size=16, test_n=10)
-
-
-class Analytic(paddle.nn.Layer):
-    """A parameter-free 'network' given by a formula in paddle ops."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x[:, 0:1], x[:, 1:2])
 
 
 # ------------------------------------------------------------------ the PDE itself

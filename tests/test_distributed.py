@@ -197,12 +197,7 @@ def two_ranks(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-#: known divergences, kept visible (strict: the test fails once they are fixed, then drop the mark)
-KNOWN = {}  # kind -> reason, for a known data-parallel defect (strict xfail)
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=KNOWN[k]))
-                                  if k in KNOWN else k for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ranks_agree_with_each_other_and_with_one_process_on_all_points(kind, two_ranks):
     r0, r1 = two_ranks[0][kind], two_ranks[1][kind]
     assert r0["weights"] == r1["weights"]  # bit-identical on every rank, at every step

@@ -386,20 +386,25 @@ def test_weights_appear_in_the_training_log_and_writer(name, tmp_path, caplog):
     handle.remove()
 
 
-@pytest.mark.slow
-def test_example_script_runs(tmp_path):
+def run_example(tmp_path, *overrides) -> str:
+    """``examples/ppsci/helmholtz.py`` in a fresh interpreter, a tiny run; returns its train.log."""
     pytest.importorskip("hydra")
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "examples", "ppsci", "helmholtz.py"), "TRAIN.balancer.name=ntk",
-           "TRAIN.epochs=1", "TRAIN.iters_per_epoch=4", "TRAIN.batch_size.pde=16", "TRAIN.batch_size.bc=16",
-           "BALANCER_DEFAULTS.ntk.update_freq=2", "EVAL.grid=8", "log_freq=2", f"hydra.run.dir={tmp_path}"]
+    cmd = [sys.executable, os.path.join(root, "examples", "ppsci", "helmholtz.py"), "TRAIN.epochs=1",
+           "TRAIN.iters_per_epoch=4", "TRAIN.batch_size.pde=16", "TRAIN.batch_size.bc=16", "EVAL.grid=8",
+           *overrides, f"hydra.run.dir={tmp_path}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    log = (tmp_path / "train.log").read_text()
+    return (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_example_script_runs(tmp_path):
+    log = run_example(tmp_path, "TRAIN.balancer.name=ntk", "BALANCER_DEFAULTS.ntk.update_freq=2", "log_freq=2")
     assert "weight/helmholtz" in log and "ntk_trace/u" in log and "relative L2 error" in log
     assert (tmp_path / "checkpoints" / "latest.pdagg").exists()
 
@@ -407,16 +412,6 @@ def test_example_script_runs(tmp_path):
 @pytest.mark.slow
 def test_example_script_adam_then_lbfgs(tmp_path):
     """The example's Adam-then-L-BFGS option: the L-BFGS epoch continues the global steps and the weights."""
-    pytest.importorskip("hydra")
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "examples", "ppsci", "helmholtz.py"), "TRAIN.balancer.name=lr_annealing",
-           "TRAIN.epochs=1", "TRAIN.iters_per_epoch=4", "TRAIN.batch_size.pde=16", "TRAIN.batch_size.bc=16",
-           "TRAIN.lbfgs.epochs=1", "TRAIN.lbfgs.max_iter=3", "EVAL.grid=8", "log_freq=1", f"hydra.run.dir={tmp_path}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    log = (tmp_path / "train.log").read_text()
+    log = run_example(tmp_path, "TRAIN.balancer.name=lr_annealing", "TRAIN.lbfgs.epochs=1", "TRAIN.lbfgs.max_iter=3",
+                      "log_freq=1")
     assert "after Adam: weights" in log and "[Epoch 2/2][Iter 4/4]" in log and "relative L2 error" in log

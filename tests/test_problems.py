@@ -10,6 +10,7 @@ import math
 import numpy as np
 import paddle
 import pytest
+from reference import Analytic, fd_first, fd_second
 
 from paddle_pinn_balance.problems import PROBLEMS, AllenCahn1D, Convection1D, Poisson2DPieces, get_problem
 from paddle_pinn_balance.problems.allen_cahn import etdrk4_allen_cahn
@@ -17,29 +18,6 @@ from paddle_pinn_balance.train import train
 
 BETA = 30.0
 TWO_PI = 2.0 * math.pi
-
-
-class Analytic(paddle.nn.Layer):
-    """A parameter-free 'network' given by a formula in paddle ops of the input columns."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(*[x[:, i:i + 1] for i in range(x.shape[1])])
-
-
-def _fd_first(fn, x, axis, h=1e-5):
-    e = np.zeros((1, x.shape[1]))
-    e[0, axis] = h
-    return (fn(x + e) - fn(x - e)) / (2 * h)
-
-
-def _fd_second(fn, x, axis, h=1e-4):
-    e = np.zeros((1, x.shape[1]))
-    e[0, axis] = h
-    return (fn(x + e) - 2 * fn(x) + fn(x - e)) / h**2
 
 
 def _np(t):
@@ -81,7 +59,7 @@ def test_convection_exact_solution_pde_ic_and_periodicity():
     p = Convection1D()
     assert p.beta == BETA
     x = np.stack([np.random.default_rng(0).uniform(0.0, TWO_PI, 300), np.random.default_rng(1).uniform(0, 1, 300)], 1)
-    u_t, u_x = _fd_first(p.exact, x, 1), _fd_first(p.exact, x, 0)
+    u_t, u_x = fd_first(p.exact, x, 1), fd_first(p.exact, x, 0)
     np.testing.assert_allclose(u_t + BETA * u_x, 0.0, atol=1e-5 * BETA)
     np.testing.assert_allclose(u_x, np.cos(x[:, 0:1] - BETA * x[:, 1:2]), atol=1e-6)  # not the zero solution
     s = np.linspace(0.0, TWO_PI, 21)
@@ -250,7 +228,7 @@ def test_poisson2d_exact_solution_and_boundary_pieces():
     p = Poisson2DPieces()
     x = np.random.default_rng(0).uniform(0.02, 0.98, size=(300, 2))
     np.testing.assert_allclose(p.exact(x), _poisson_u(x), atol=1e-12)
-    lap = _fd_second(p.exact, x, 0) + _fd_second(p.exact, x, 1)
+    lap = fd_second(p.exact, x, 0) + fd_second(p.exact, x, 1)
     f = p.forcing(x)
     assert np.abs(f).max() > 100
     np.testing.assert_allclose(lap, f, atol=1e-3 * np.abs(f).max())
@@ -267,7 +245,7 @@ def test_poisson2d_exact_solution_and_boundary_pieces():
     np.testing.assert_allclose(_poisson_u(bottom)[:, 0], np.sin(2 * np.pi * bottom[:, 0]), atol=1e-12)
     np.testing.assert_allclose(_poisson_u(top)[:, 0], np.sin(2 * np.pi * top[:, 0]), atol=1e-12)
     np.testing.assert_allclose(_poisson_u(right)[:, 0], 0.0, atol=1e-12)
-    np.testing.assert_allclose(_fd_first(_poisson_u, left, 0), _np(batch["g_left"]), atol=1e-4)
+    np.testing.assert_allclose(fd_first(_poisson_u, left, 0), _np(batch["g_left"]), atol=1e-4)
     # and the batch's data are those values
     for name, pts in (("bottom", bottom), ("top", top), ("right", right)):
         np.testing.assert_allclose(_np(batch[f"u_{name}"]), _poisson_u(pts), atol=1e-6)
