@@ -7,7 +7,16 @@ import paddle
 import pytest
 from reference import DTYPE
 
-from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, ReLoBRaLo, SoftAdapt, Sum
+from paddle_pinn_balance import (
+    GradNorm,
+    GradNormRatio,
+    LRAnnealing,
+    NTKWeighting,
+    ReLoBRaLo,
+    SoftAdapt,
+    Sum,
+    UncertaintyWeighting,
+)
 
 X_R = np.linspace(-1, 1, 12, dtype=DTYPE).reshape([-1, 1])
 X_B = np.array([[-1.0], [1.0]], dtype=DTYPE)
@@ -48,6 +57,8 @@ BALANCERS = {
     "relobralo": lambda net: (net, ReLoBRaLo(update_freq=1)),
     "softadapt": lambda net: (net, SoftAdapt(update_freq=1)),
     "gradnorm": lambda net: (lambda w: (w, w.aggregator))(GradNorm(net, n_loss=2, alpha=1.0)),
+    "grad_norm_ratio": lambda net: (net, GradNormRatio(net, update_freq=1)),
+    "uncertainty": lambda net: (net, UncertaintyWeighting(loss_names=["res", "bc"], init_log_var=0.3)),
 }
 
 
