@@ -33,7 +33,7 @@ import paddle  # noqa: E402
 from _common import amortised_ratio, clock  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from paddle_pinn_balance import GradNorm, LRAnnealing, ReLoBRaLo, SoftAdapt, UncertaintyWeighting  # noqa: E402
+from paddle_pinn_balance import GradNorm, LRAnnealing, ReLoBRaLo, SoftAdapt, Sum, UncertaintyWeighting  # noqa: E402
 
 try:
     from paddle_pinn_balance import NTKWeighting  # noqa: E402
@@ -42,13 +42,13 @@ except ImportError:  # before the NTK method existed
 
 EDGES = ("bc_left", "bc_right", "bc_bottom", "bc_top")
 #: every method name `build` knows (ppsci_*: PaddleScience's aggregators, measured when ppsci is importable)
-METHODS = ("lra", "gradnorm", "ntk_grad_norm", "grad_norm_ratio", "relobralo", "softadapt", "uncertainty",
+METHODS = ("sum", "lra", "gradnorm", "ntk_grad_norm", "grad_norm_ratio", "relobralo", "softadapt", "uncertainty",
            "pcgrad", "conflict_free", "upgrad", "m_conflict_free", "ppsci_sum", "ppsci_gradnorm", "ppsci_ntk",
            "ppsci_relobralo", "ppsci_pcgrad")
 #: timed at update_freq 1 only: no update frequency (uncertainty, ppsci's Sum / Relobralo / PCGrad), or a
 #: direction that needs G on every step it is used (surgery)
-EVERY_STEP = ("uncertainty", "pcgrad", "conflict_free", "upgrad", "m_conflict_free", "ppsci_sum", "ppsci_relobralo",
-              "ppsci_pcgrad")
+EVERY_STEP = ("sum", "uncertainty", "pcgrad", "conflict_free", "upgrad", "m_conflict_free", "ppsci_sum",
+              "ppsci_relobralo", "ppsci_pcgrad")
 
 
 def make_net(seed=0):
@@ -100,6 +100,8 @@ def build(method, freq, terms, net):
     """(model to train, aggregator) for a method name."""
     if method == "plain":
         return net, plain_sum
+    if method == "sum":  # our fixed-weight balancer: the floor of any balancer call (names, checks, counters)
+        return net, Sum()
     if method == "lra":
         return net, LRAnnealing(net, ref="res", update_freq=freq)
     if method == "gradnorm":

@@ -155,6 +155,7 @@ class Balancer(paddle.nn.Layer):
         self.assemble = assemble
         self.check_every = check_int("check_every", check_every, minimum=0)
         self._losses_finite = None  # set on each update step (a device bool)
+        self._losses_now = None  # loss-only methods, on each update step: the losses, detached, rank-averaged
         # host counters in a plain dict: `paddle.nn.Layer.__setattr__` costs 6 us a call on the hot path
         self._host = {"calls": 0, "since_check": 0}  # calls: mirror of `num_calls`, never read back
         self.update_freq = check_int("update_freq", update_freq)
@@ -240,6 +241,7 @@ class Balancer(paddle.nn.Layer):
         ops.increment_(self.num_calls)
         update = step % self.update_freq == 0 and step != self._host.get("last_update_step")
         self._before_call(values, update)
+        self._host["step"] = step  # the step of this call (ReLoBRaLo's look-back draw is keyed on it)
         if update:
             self._host["last_update_step"] = step
             ops.increment_(self.num_updates)
@@ -282,7 +284,8 @@ class Balancer(paddle.nn.Layer):
             stacked = ops.stack(values)
             # an overflowing (or NaN) loss skips this update whatever the method's statistics say; data-parallel:
             # the flag is read from the ranks' mean loss (non-finite when any rank's is), so every rank skips alike
-            self._losses_finite = ops.all_finite(mean_across_ranks(stacked.detach()))
+            self._losses_now = mean_across_ranks(stacked.detach())
+            self._losses_finite = ops.all_finite(self._losses_now)
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
@@ -398,7 +401,9 @@ class Balancer(paddle.nn.Layer):
     #   (``[K, len(flat self._params)]``); may return a
     #   gradient the total's backward must also deliver to a parameter outside the net, scaled like the rest
     #   (GradNorm: its weights' own gradient);
-    # * ``_update(values)``: update from statistics of its own (NTK traces).
+    # * ``_update(values)``: update from statistics of its own (NTK traces) or from the losses alone
+    #   (``self._losses_now``: this call's losses, detached, averaged over the ranks; ``self._losses_finite``:
+    #   whether they are all finite).
     #
     # Both store raw estimates with :meth:`_set_weights`. A method with fixed weights overrides ``_total``.
     # A class that reads ``G`` (defines ``_update_from_gradients`` or overrides ``_direction``) must declare

@@ -8,21 +8,36 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float, check_int
-from .gradients import mean_across_ranks
 
-_PM_MOD, _PM_MUL = 2147483647, 48271  # Park-Miller generator: every product fits in int64 exactly
+_MASK64 = (1 << 64) - 1
+
+
+def lookback_draw(seed: int, step: int, expected_rho: float) -> float:
+    r""":math:`\rho(t) \sim \mathrm{Bernoulli}(E[\rho])` for step ``t``: 1.0 or 0.0, a pure function of
+    ``(seed, step)``.
+
+    ``u = splitmix64(seed * 2^32 + step) / 2^64`` (Steele, Lea & Flood 2014: a counter passed through a
+    64-bit finaliser, a standard counter-based generator), :math:`\rho = 1[u < E[\rho]]`. Drawn on the
+    host from numbers the host has, so the draw costs no device operation and no synchronisation; keyed
+    on the step, so a resumed run (or every data-parallel rank) draws the same :math:`\rho` with nothing
+    to checkpoint, and a skipped update does not shift the later draws.
+    """
+    z = (seed * (1 << 32) + step + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return 1.0 if (z >> 11) * 2.0 ** -53 < expected_rho else 0.0
 
 
 def balance_softmax(losses, ref, tau: float, eps: float):
     r""":math:`\hat w_j(t;t') = n\,\mathrm{softmax}_j\big(L_j(t) / (\tau L_j(t') + \epsilon)\big)`
-    (the balancing term of arXiv 2110.09813; equation number not checked),
-    max-shifted before the exponential (overflow-safe)."""
-    z = losses / (tau * ref + eps)
-    e = paddle.exp(z - z.max())
-    return losses.shape[0] * e / e.sum()
+    (the balancing term of arXiv 2110.09813; equation number not checked); Paddle's softmax subtracts the
+    maximum before the exponential (overflow-safe)."""
+    z = losses / ops.scale(ref, tau, eps)
+    return ops.scale(paddle.nn.functional.softmax(z), float(losses.shape[0]))
 
 
-def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho, alpha: float, tau: float,
+def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float, alpha: float, tau: float,
                       eps: float = 1e-8):
     r"""One ReLoBRaLo update (arXiv 2110.09813, the update rule; equation numbers not checked):
 
@@ -30,10 +45,17 @@ def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho, alpha
 
         w_j(t) = \alpha\big(\rho\,w_j(t-1) + (1-\rho)\,\hat w_j(t;0)\big) + (1-\alpha)\,\hat w_j(t;t-1).
 
-    All arguments are tensors of shape ``[n]`` except ``rho`` (0-d, 0 or 1) and the floats.
+    The tensors have shape ``[n]``; ``rho`` (the Bernoulli draw, 0 or 1; any number in [0, 1] mixes), ``alpha``,
+    ``tau`` and ``eps`` are Python numbers. With ``rho == 1`` the look-back term :math:`\hat w(t;0)` is not
+    computed (it has weight 0).
     """
-    hist = rho * prev_weights + (1.0 - rho) * balance_softmax(losses, init_losses, tau, eps)
-    return alpha * hist + (1.0 - alpha) * balance_softmax(losses, prev_losses, tau, eps)
+    if rho == 1.0:
+        hist = prev_weights
+    elif rho == 0.0:
+        hist = balance_softmax(losses, init_losses, tau, eps)
+    else:
+        hist = ops.scale(prev_weights, rho) + ops.scale(balance_softmax(losses, init_losses, tau, eps), 1.0 - rho)
+    return ops.scale(hist, alpha) + ops.scale(balance_softmax(losses, prev_losses, tau, eps), 1.0 - alpha)
 
 
 class ReLoBRaLo(Balancer):
@@ -56,8 +78,9 @@ class ReLoBRaLo(Balancer):
 
     Args:
         alpha, expected_rho, tau, eps: as above (defaults 0.95, 0.99, 1.0, 1e-8).
-        seed: seed of the look-back draws (a Park-Miller generator whose state is the ``rng_state``
-            buffer, saved in ``state_dict``: a resumed run draws the same :math:`\rho` sequence).
+        seed: seed of the look-back draws: :math:`\rho(t)` is :func:`lookback_draw` of ``(seed, step)``, so a
+            resumed run (same steps) draws the same :math:`\rho` sequence (the seed is saved in ``state_dict`` as
+            ``lookback_seed``; loading a checkpoint restores it).
         update_freq, min_weight, max_weight, loss_names, check_every: see
             :class:`~paddle_pinn_balance.balancer.Balancer`.
 
@@ -76,9 +99,12 @@ class ReLoBRaLo(Balancer):
           experiments use E[rho] 0.999, tau 0.1).
         * ``ppsci.loss.mtl.Relobralo`` returns the unweighted sum at step 0 and draws rho with
           ``paddle.bernoulli`` from the global generator (not saved: a resume draws other rho); it keys its
-          state on ``step == 0``. Here the draw is seeded and checkpointed, weights are 1 at the first call.
-        * A call with a non-finite loss skips the update: weights, :math:`L(0)`, :math:`L(t-1)` and the
-          generator are all kept.
+          state on ``step == 0``. Here the draw is a seeded function of the step, weights are 1 at the first
+          call.
+        * A call with a non-finite loss skips the update: weights, :math:`L(0)` and :math:`L(t-1)` are kept
+          (the next update draws its own step's :math:`\rho`, as without the skipped call).
+        * Cost: the draw is made on the host, and on a step with :math:`\rho = 1` (the usual case) the
+          look-back softmax is not computed: an update is about twenty small device operations.
         * Data-parallel: the losses are averaged over the ranks first, so every rank has the same weights.
     """
 
@@ -98,33 +124,26 @@ class ReLoBRaLo(Balancer):
         super()._create_state(k)
         self.register_buffer("init_losses", paddle.ones([k], dtype="float32"))
         self.register_buffer("prev_losses", paddle.ones([k], dtype="float32"))
-        self.register_buffer("initialised", paddle.zeros([1], dtype="int64"))
-        self.register_buffer("rng_state", paddle.to_tensor([self.seed % (_PM_MOD - 1) + 1], dtype="int64"))
+        self.register_buffer("initialised", paddle.zeros([k], dtype="bool"))  # an update has taken L(0)
+        self.register_buffer("lookback_seed", paddle.to_tensor([self.seed], dtype="int64"))
 
     def _extra_state_shapes(self, k):
-        return {"init_losses": [k], "prev_losses": [k], "initialised": [1], "rng_state": [1]}
+        return {"init_losses": [k], "prev_losses": [k], "initialised": [k], "lookback_seed": [1]}
 
-    def _draw_rho(self):
-        """Next state of the generator and rho = 1[u < E[rho]] with u uniform in (0, 1) (device-side)."""
-        state = paddle.remainder(self.rng_state * _PM_MUL, paddle.full([1], _PM_MOD, dtype="int64"))
-        u = state.astype("float64") / float(_PM_MOD)
-        return state, (u < self.expected_rho).astype("float32").reshape([])
+    def _after_load(self):
+        super()._after_load()
+        self.seed = check_int("lookback_seed", int(self.lookback_seed.numpy()[0]), minimum=0)
 
     def _update(self, values):
-        with paddle.no_grad():
-            L = mean_across_ranks(ops.cast(ops.stack([v.detach() for v in values]), "float32"))
-            ok = self._losses_finite
-            first = self.initialised.reshape([]) == 0
-            state, rho = self._draw_rho()
-            init = ops.where(first, L, self.init_losses)
-            w = relobralo_weights(L, init, self.prev_losses, self.lambdas, rho, self.alpha, self.tau, self.eps)
-            w = ops.where(first, paddle.ones_like(w), w)
-            self._set_weights(w)  # skipped (weights kept) on non-finite losses
-            ops.assign_(ops.where(ok, init, self.init_losses), self.init_losses)
-            ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
-            keep = ok.reshape([1])
-            ops.assign_(ops.where(keep, state, self.rng_state), self.rng_state)
-            ops.assign_(ops.where(keep, paddle.ones_like(self.initialised), self.initialised), self.initialised)
+        L = ops.cast(self._losses_now, self.lambdas.dtype)
+        ok, ready = self._losses_finite, self.initialised
+        rho = lookback_draw(self.seed, self._host["step"], self.expected_rho)
+        init = ops.where(ready, self.init_losses, L)
+        w = relobralo_weights(L, init, self.prev_losses, self.lambdas, rho, self.alpha, self.tau, self.eps)
+        self._set_weights(ops.where(ready, w, ops.filled(L.shape[0], 1.0, L)))  # skipped on non-finite losses
+        ops.assign_(ops.where(ok, init, self.init_losses), self.init_losses)
+        ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
+        ops.assign_(ready | ok, ready)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, alpha={self.alpha}, expected_rho={self.expected_rho}, tau={self.tau}, "

@@ -8,7 +8,6 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_choice, check_float
-from .gradients import mean_across_ranks
 
 VARIANTS = ("difference", "normalized", "loss_weighted", "ratio")
 
@@ -24,16 +23,16 @@ def softadapt_weights(losses, prev_losses, beta: float, variant: str = "differen
     * ``ratio`` (PhysicsNeMo's ``SoftAdapt``): :math:`s_j = L_j(t) / (L_j(t-1) + \epsilon)`.
     """
     if variant == "ratio":
-        s = losses / (prev_losses + eps)
+        s = losses / ops.scale(prev_losses, 1.0, eps)
     else:
         s = losses - prev_losses
         if variant == "normalized":
-            s = s / (paddle.abs(s).sum() + eps)
-    z = beta * s
-    e = paddle.exp(z - z.max())
-    if variant == "loss_weighted":
-        e = losses * e
-    return e / (e.sum() + (eps if variant == "loss_weighted" else 0.0))
+            s = s / ops.scale(ops.total(ops.abs(s)), 1.0, eps)
+    z = ops.scale(s, beta)
+    if variant != "loss_weighted":
+        return paddle.nn.functional.softmax(z)  # max-shifted inside
+    e = losses * paddle.exp(z - z.max())
+    return e / ops.scale(ops.total(e), 1.0, eps)
 
 
 class SoftAdapt(Balancer):
@@ -85,21 +84,18 @@ class SoftAdapt(Balancer):
     def _create_state(self, k):
         super()._create_state(k)
         self.register_buffer("prev_losses", paddle.zeros([k], dtype="float32"))
-        self.register_buffer("initialised", paddle.zeros([1], dtype="int64"))
+        self.register_buffer("initialised", paddle.zeros([k], dtype="bool"))  # an update has taken L(t-1)
 
     def _extra_state_shapes(self, k):
-        return {"prev_losses": [k], "initialised": [1]}
+        return {"prev_losses": [k], "initialised": [k]}
 
     def _update(self, values):
-        with paddle.no_grad():
-            L = mean_across_ranks(ops.cast(ops.stack([v.detach() for v in values]), "float32"))
-            first = self.initialised.reshape([]) == 0
-            prev = ops.where(first, L, self.prev_losses)
-            self._set_weights(softadapt_weights(L, prev, self.beta, self.variant, self.eps))
-            ok = self._losses_finite
-            ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
-            ops.assign_(ops.where(ok.reshape([1]), paddle.ones_like(self.initialised), self.initialised),
-                        self.initialised)
+        L = ops.cast(self._losses_now, self.lambdas.dtype)
+        ok, ready = self._losses_finite, self.initialised
+        prev = ops.where(ready, self.prev_losses, L)
+        self._set_weights(softadapt_weights(L, prev, self.beta, self.variant, self.eps))  # skipped on non-finite
+        ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
+        ops.assign_(ready | ok, ready)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, beta={self.beta}, variant={self.variant!r}"

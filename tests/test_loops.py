@@ -209,4 +209,7 @@ def test_lbfgs_closure_matches_fixed_weights(kind):
     if kind == "gradnorm":  # the weights trained by L-BFGS too: compare the network only up to the weights' effect
         return
     for p, q in zip(params, ref_net.parameters()):
-        np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=1e-3, atol=1e-5)  # float32 L-BFGS
+        # float64: exact up to rounding; float32: 12 L-BFGS iterations amplify the rounding of a gradient summed
+        # in another order (measured up to 1.5e-3 relative on paddle 3.3.1, so 1e-3 was flaky)
+        tol = dict(rtol=1e-8, atol=1e-10) if DTYPE == "float64" else dict(rtol=5e-3, atol=2e-5)
+        np.testing.assert_allclose(p.numpy(), q.numpy(), **tol)
