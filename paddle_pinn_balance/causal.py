@@ -9,15 +9,21 @@ import paddle
 from .balancer import check_choice, check_float, check_int
 
 
-def causal_weights(chunk_losses, eps):
+def causal_weights(chunk_losses, eps, initial_loss=None):
     r"""Causal weights (CMAME 2024; equation number not checked), detached:
 
     .. math:: w_i = \exp\Big(-\epsilon \sum_{k=1}^{i-1} L_r^k\Big), \quad i = 1..M \;(w_1 = 1).
 
-    ``chunk_losses``: ``[M]``; ``eps``: a number or a 0-d tensor.
+    ``chunk_losses``: ``[M]``; ``eps``: a number or a 0-d tensor. ``initial_loss`` (optional, 0-d): the
+    initial-condition loss :math:`L_0` added inside every exponent,
+    :math:`w_i = \exp(-\epsilon (L_0 + \sum_{k<i} L_r^k))` (so :math:`w_1 = e^{-\epsilon L_0}`), as the
+    authors' Kuramoto-Sivashinsky and Navier-Stokes code does (their Allen-Cahn and Lorenz code has no
+    :math:`L_0`).
     """
     c = chunk_losses.detach()
     exclusive = paddle.cumsum(c, axis=0) - c
+    if initial_loss is not None:
+        exclusive = exclusive + initial_loss.detach().astype(c.dtype).reshape([])
     return paddle.exp(-eps * exclusive).detach()
 
 
@@ -42,7 +48,9 @@ class CausalResidual(paddle.nn.Layer):
     Call: ``causal(residual, t=None)``. ``residual``: per-point residuals ``[N]`` or ``[N, 1]``. With ``t``
     (the points' times, same length) a point goes into chunk ``floor(M (t - t0) / (t1 - t0))``; without
     ``t`` the residual is reshaped to ``[M, N / M]`` in time-major order (as ``CausalMSELoss``).
-    ``causal.from_chunk_losses(L)`` takes precomputed chunk losses ``[M]``.
+    ``causal.from_chunk_losses(L)`` takes precomputed chunk losses ``[M]``. ``initial_loss=L_0`` (either
+    call) puts the initial-condition loss inside the exponents (:func:`causal_weights`); :math:`L_0` stays
+    a term of its own for the balancer, the causal residual only reads its value.
 
     Example:
         >>> import paddle
@@ -109,9 +117,9 @@ class CausalResidual(paddle.nn.Layer):
         sums = paddle.matmul(r2.reshape([1, -1]), onehot).reshape([M])
         return sums / paddle.clip(counts, min=1.0)
 
-    def from_chunk_losses(self, chunk_losses):
+    def from_chunk_losses(self, chunk_losses, initial_loss=None):
         eps = self.current_eps().astype(chunk_losses.dtype)
-        w = causal_weights(chunk_losses, eps)
+        w = causal_weights(chunk_losses, eps, initial_loss)
         with paddle.no_grad():
             wmin = w.min().astype("float32").reshape([1])
             paddle.assign(wmin, output=self.min_weight)
@@ -122,8 +130,8 @@ class CausalResidual(paddle.nn.Layer):
         out = (w * chunk_losses).sum()
         return out / self.n_chunks if self.reduction == "mean" else out
 
-    def forward(self, residual, t=None):
-        return self.from_chunk_losses(self.chunk_losses(residual, t))
+    def forward(self, residual, t=None, initial_loss=None):
+        return self.from_chunk_losses(self.chunk_losses(residual, t), initial_loss)
 
     @property
     def converged(self) -> bool:

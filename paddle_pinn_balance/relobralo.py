@@ -96,7 +96,9 @@ class ReLoBRaLo(Balancer):
     Note:
         * Defaults are those of PhysicsNeMo's ``RelobraloLoss`` and of ``ppsci.loss.mtl.Relobralo``
           (alpha 0.95, beta = E[rho] 0.99, tau 1, eps 1e-8); the paper tunes them per problem (the ConFIG
-          experiments use E[rho] 0.999, tau 0.1).
+          experiments use E[rho] 0.999, tau 0.1). The authors' code (``rbischof/relative_balancing``,
+          ``update_rules.py``) writes the same update with :math:`\epsilon = 10^{-12}` and defaults
+          alpha 0.999, E[rho] 1.0, tau 1.
         * ``ppsci.loss.mtl.Relobralo`` returns the unweighted sum at step 0 and draws rho with
           ``paddle.bernoulli`` from the global generator (not saved: a resume draws other rho); it keys its
           state on ``step == 0``. Here the draw is a seeded function of the step, weights are 1 at the first

@@ -87,3 +87,19 @@ def test_build_causal():
     assert isinstance(c, CausalResidual) and c.n_chunks == 8
     with pytest.raises(ValueError, match="tol"):
         build_causal({"name": "causal", "n_chunks": 8, "tol": 0.5})
+
+
+def test_initial_loss_inside_the_exponent_matches_numpy():
+    """The authors' KS / NS form: w_i = exp(-eps (L_0 + sum_{k<i} L_r^k)), w_1 = exp(-eps L_0), detached."""
+    chunks = np.array([0.5, 0.2, 0.1, 0.4])
+    L0, eps = 0.3, 2.0
+    w_ref = np.exp(-eps * (L0 + np.concatenate([[0.0], np.cumsum(chunks)[:-1]])))
+    c = paddle.to_tensor(chunks, dtype="float64", stop_gradient=False)
+    l0 = paddle.to_tensor(L0, dtype="float64", stop_gradient=False)
+    causal = CausalResidual(n_chunks=4, eps=eps)
+    out = causal.from_chunk_losses(c, initial_loss=l0)
+    np.testing.assert_allclose(float(out), (w_ref * chunks).mean(), rtol=1e-6)
+    np.testing.assert_allclose(causal.last_weights.numpy(), w_ref, rtol=1e-6)
+    gc, g0 = paddle.grad(out, [c, l0], allow_unused=True)
+    np.testing.assert_allclose(gc.numpy(), w_ref / 4, rtol=1e-6)  # weights held constant
+    assert g0 is None or float(g0) == 0.0  # L_0 only read
