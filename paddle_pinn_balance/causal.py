@@ -10,7 +10,7 @@ from .balancer import check_choice, check_float, check_int
 
 
 def causal_weights(chunk_losses, eps, initial_loss=None):
-    r"""Causal weights (CMAME 2024; equation number not checked), detached:
+    r"""Causal weights (arXiv 2203.07404v1 eq. 3.2; CMAME 2024), detached:
 
     .. math:: w_i = \exp\Big(-\epsilon \sum_{k=1}^{i-1} L_r^k\Big), \quad i = 1..M \;(w_1 = 1).
 
@@ -18,7 +18,10 @@ def causal_weights(chunk_losses, eps, initial_loss=None):
     initial-condition loss :math:`L_0` added inside every exponent,
     :math:`w_i = \exp(-\epsilon (L_0 + \sum_{k<i} L_r^k))` (so :math:`w_1 = e^{-\epsilon L_0}`), as the
     authors' Kuramoto-Sivashinsky and Navier-Stokes code does (their Allen-Cahn and Lorenz code has no
-    :math:`L_0`).
+    :math:`L_0`). The paper is of two minds: its text treats :math:`L_{ic}` as "a special temporal residual
+    at t = 0" incorporated "in the same manner", while Algorithm 1 as printed (eqs. 3.4-3.5) puts
+    :math:`\lambda_{ic} L_{ic}` in the loss and starts the exponent's sum at :math:`k = 1` (no :math:`L_0`,
+    the default here).
     """
     c = chunk_losses.detach()
     exclusive = paddle.cumsum(c, axis=0) - c
@@ -28,8 +31,8 @@ def causal_weights(chunk_losses, eps, initial_loss=None):
 
 
 class CausalResidual(paddle.nn.Layer):
-    r"""The causal residual loss :math:`L_r = \frac1M \sum_{i=1}^M w_i L_r^i` (CMAME 2024;
-    equation numbers not checked).
+    r"""The causal residual loss :math:`L_r = \frac1M \sum_{i=1}^M w_i L_r^i` (arXiv 2203.07404v1 eq. 3.1
+    with the weights of eq. 3.2; the :math:`\epsilon` annealing and stopping rule are its Algorithm 1).
 
     :math:`L_r^i` is the mean squared residual on time chunk ``i`` and :math:`w_i` are the detached
     :func:`causal_weights`. The result is one scalar: give it to any balancer as the term ``"res"``.

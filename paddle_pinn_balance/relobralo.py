@@ -31,7 +31,7 @@ def lookback_draw(seed: int, step: int, expected_rho: float) -> float:
 
 def balance_softmax(losses, ref, tau: float, eps: float):
     r""":math:`\hat w_j(t;t') = n\,\mathrm{softmax}_j\big(L_j(t) / (\tau L_j(t') + \epsilon)\big)`
-    (the balancing term of arXiv 2110.09813; equation number not checked); Paddle's softmax subtracts the
+    (arXiv 2110.09813 eq. 11, first line, :math:`\lambda^{bal}_i(t,t')`); Paddle's softmax subtracts the
     maximum before the exponential (overflow-safe)."""
     z = losses / ops.scale(ref, tau, eps)
     return ops.scale(paddle.nn.functional.softmax(z), float(losses.shape[0]))
@@ -39,7 +39,7 @@ def balance_softmax(losses, ref, tau: float, eps: float):
 
 def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float, alpha: float, tau: float,
                       eps: float = 1e-8):
-    r"""One ReLoBRaLo update (arXiv 2110.09813, the update rule; equation numbers not checked):
+    r"""One ReLoBRaLo update (arXiv 2110.09813 eq. 11, its three lines in one):
 
     .. math::
 
@@ -66,7 +66,9 @@ class ReLoBRaLo(Balancer):
         w_j(t) = \alpha\big(\rho\,w_j(t-1) + (1-\rho)\,\hat w_j(t;0)\big) + (1-\alpha)\,\hat w_j(t;t-1),
         \quad \hat w_j(t;t') = n\,\mathrm{softmax}_j\Big(\frac{L_j(t)}{\tau L_j(t') + \epsilon}\Big)
 
-    (arXiv 2110.09813, its update rule; equation numbers not checked against the paper), where
+    (arXiv 2110.09813 eq. 11: :math:`\lambda^{bal}`, :math:`\lambda^{hist}` and the update are its three
+    lines, in the revision ar5iv renders, which writes the temperature :math:`T` and the number of terms
+    :math:`m`; the Bernoulli :math:`\rho` is defined in the text after it), where
 
     * ``alpha``: :math:`\alpha`, the memory of the past; ``expected_rho``: :math:`E[\rho]`, with
       :math:`\rho \sim \mathrm{Bernoulli}(E[\rho])` drawn once per update; ``tau``: the temperature
