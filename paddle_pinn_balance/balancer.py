@@ -154,8 +154,9 @@ class Balancer(paddle.nn.Layer):
             raise ValueError(f"`assemble` must be true or false; got {assemble!r}")
         self.assemble = assemble
         self.check_every = check_int("check_every", check_every, minimum=0)
-        self._losses_finite = None  # set on each update step (a device bool)
-        self._losses_now = None  # loss-only methods, on each update step: the losses, detached, rank-averaged
+        # methods without per-term gradients, on each update step: the losses, detached, rank-averaged (set with
+        # object.__setattr__: `paddle.nn.Layer.__setattr__` costs 6 us a call on the hot path)
+        self._losses_now = None
         # host counters in a plain dict: `paddle.nn.Layer.__setattr__` costs 6 us a call on the hot path
         self._host = {"calls": 0, "since_check": 0}  # calls: mirror of `num_calls`, never read back
         self.update_freq = check_int("update_freq", update_freq)
@@ -282,10 +283,10 @@ class Balancer(paddle.nn.Layer):
             return weighted_sum(ops.stack(values), self._weight_vector())
         if not self.needs_gradients:
             stacked = ops.stack(values)
-            # an overflowing (or NaN) loss skips this update whatever the method's statistics say; data-parallel:
-            # the flag is read from the ranks' mean loss (non-finite when any rank's is), so every rank skips alike
-            self._losses_now = mean_across_ranks(stacked.detach())
-            self._losses_finite = ops.all_finite(self._losses_now)
+            # an overflowing (or NaN) loss skips this update whatever the method's statistics say (`_set_weights`
+            # tests them with the weights); data-parallel: the ranks' mean loss is non-finite when any rank's is,
+            # so every rank skips alike
+            object.__setattr__(self, "_losses_now", mean_across_ranks(stacked.detach()))
             self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
@@ -402,8 +403,8 @@ class Balancer(paddle.nn.Layer):
     #   gradient the total's backward must also deliver to a parameter outside the net, scaled like the rest
     #   (GradNorm: its weights' own gradient);
     # * ``_update(values)``: update from statistics of its own (NTK traces) or from the losses alone
-    #   (``self._losses_now``: this call's losses, detached, averaged over the ranks; ``self._losses_finite``:
-    #   whether they are all finite).
+    #   (``self._losses_now``: this call's losses, detached, averaged over the ranks; :meth:`_set_weights` skips
+    #   the update when one is non-finite and returns the per-term flag to guard the method's own state with).
     #
     # Both store raw estimates with :meth:`_set_weights`. A method with fixed weights overrides ``_total``.
     # A class that reads ``G`` (defines ``_update_from_gradients`` or overrides ``_direction``) must declare
@@ -428,26 +429,31 @@ class Balancer(paddle.nn.Layer):
             raise TypeError(f"{cls.__name__} declares `needs_gradients = True` but defines no "
                             "`_update_from_gradients(losses, G)`")
 
-    def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> None:
-        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, or any
-        term's gradient statistic, is non-finite.
+    def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, any
+        term's gradient statistic or (methods without per-term gradients) any loss of the call is non-finite.
 
         ``scale``: the per-term gradient statistic (non-finite exactly when the term's gradient is; a term
         whose estimate was replaced by its current weight still counts), also for the non-finite /
         zero-gradient bookkeeping.
+
+        Returns the verdict as a bool vector, one (equal) entry per term: methods guard their own state with it
+        (``where(ok, new, old)``), so a skipped update leaves all of it as it was.
         """
-        old = self.lambdas
+        old = self._buffers["lambdas"]
         raw = ops.cast(raw.detach(), old.dtype)
         new = raw if self.momentum == 0.0 else ops.lerp(old, raw, ops.filled(None, 1.0 - self.momentum, old))
         new = self._clip(new)
-        # one test for both: a sum is non-finite when either addend is (an Inf gradient entry gives a
-        # finite estimate of 0 in max / (lambda * Inf), which must not be taken)
-        ok = ops.all_finite(new if scale is None else new + ops.cast(scale.detach(), new.dtype))
-        if self._losses_finite is not None:
-            ok = ok & self._losses_finite
+        # one test for all: a sum is non-finite when any addend is (an Inf gradient entry gives a finite estimate
+        # of 0 in max / (lambda * Inf), which must not be taken; a -Inf loss can give finite softmax weights)
+        check = new if scale is None else new + ops.cast(scale.detach(), new.dtype)
+        if self._losses_now is not None:
+            check = check + ops.cast(self._losses_now, new.dtype)
+        ok = ops.expand(ops.all_finite(check), new.shape)
         ops.assign_(ops.where(ok, new, old), old)
         if scale is not None:
             self._record_bad_terms(scale)
+        return ok
 
     def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
         if self.min_weight is None and self.max_weight is None:

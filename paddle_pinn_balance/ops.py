@@ -159,6 +159,10 @@ def _public_where(cond, x, y):
     return paddle.where(cond, x, y)
 
 
+def _public_expand(x, shape):
+    return paddle.expand(x, list(shape))
+
+
 def _public_lerp(x, y, weight):
     return paddle.lerp(x, y, weight)
 
@@ -329,6 +333,11 @@ def _c_where(cond, x, y):
     return _C.where(cond, x, y)
 
 
+@_pair(_public_expand, lambda f: f(paddle.to_tensor(True), [3]))
+def _c_expand(x, shape):
+    return _C.expand(x, list(shape))
+
+
 @_pair(_public_lerp, lambda f: f(_V(), _W(), _t(0.25).reshape([])))
 def _c_lerp(x, y, weight):
     return _C.lerp(x, y, weight)
@@ -388,11 +397,11 @@ _CHOSEN = {name: PUBLIC[name] if FORCE_PUBLIC or not _works(name) else PRIVATE[n
 FALLBACKS = sorted(name for name, f in _CHOSEN.items() if f is PUBLIC[name])
 (_flatten_cat, _views_like, _flatten_copy, _flatten_copy_views, _stack, _abs, _full, _not_equal, _matmul, _total,
  _row_max, _sqrt, _item, _leading_columns, _reshape, _scale, _pow, _sign, _isfinite, _multiply, _add_, _dot, _cast,
- _where, _lerp, _clip, _minimum, _maximum, _all_finite, _assign_, _increment_) = (
+ _where, _expand, _lerp, _clip, _minimum, _maximum, _all_finite, _assign_, _increment_) = (
     _CHOSEN[n] for n in ("flatten_cat", "views_like", "flatten_copy", "flatten_copy_views", "stack", "abs", "full",
                          "not_equal", "matmul", "total", "row_max", "sqrt", "item", "leading_columns", "reshape",
-                         "scale", "pow", "sign", "isfinite", "multiply", "add_", "dot", "cast", "where", "lerp",
-                         "clip", "minimum", "maximum", "all_finite", "assign_", "increment_"))
+                         "scale", "pow", "sign", "isfinite", "multiply", "add_", "dot", "cast", "where", "expand",
+                         "lerp", "clip", "minimum", "maximum", "all_finite", "assign_", "increment_"))
 
 
 # ---------------------------------------------------------------------------- the operations
@@ -538,6 +547,11 @@ def cast(x: paddle.Tensor, dtype) -> paddle.Tensor:
 def where(cond: paddle.Tensor, x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
     """``paddle.where`` for a condition of the shape of ``x`` and ``y``, or a 0-d condition (expanded)."""
     return _where(cond, x, y)
+
+
+def expand(x: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
+    """``x`` broadcast to ``shape`` (a 0-d flag to one per term, for several :func:`where` on one condition)."""
+    return _expand(x, shape)
 
 
 def lerp(x: paddle.Tensor, y: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:

@@ -29,12 +29,12 @@ def lookback_draw(seed: int, step: int, expected_rho: float) -> float:
     return 1.0 if (z >> 11) * 2.0 ** -53 < expected_rho else 0.0
 
 
-def balance_softmax(losses, ref, tau: float, eps: float):
+def balance_softmax(losses, ref, tau: float, eps: float, factor: float = 1.0):
     r""":math:`\hat w_j(t;t') = n\,\mathrm{softmax}_j\big(L_j(t) / (\tau L_j(t') + \epsilon)\big)`
-    (arXiv 2110.09813 eq. 11, first line, :math:`\lambda^{bal}_i(t,t')`); Paddle's softmax subtracts the
-    maximum before the exponential (overflow-safe)."""
+    (arXiv 2110.09813 eq. 11, first line, :math:`\lambda^{bal}_i(t,t')`), times ``factor``; Paddle's softmax
+    subtracts the maximum before the exponential (overflow-safe)."""
     z = losses / ops.scale(ref, tau, eps)
-    return ops.scale(paddle.nn.functional.softmax(z), float(losses.shape[0]))
+    return ops.scale(paddle.nn.functional.softmax(z), factor * losses.shape[0])
 
 
 def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float, alpha: float, tau: float,
@@ -55,7 +55,7 @@ def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float
         hist = balance_softmax(losses, init_losses, tau, eps)
     else:
         hist = ops.scale(prev_weights, rho) + ops.scale(balance_softmax(losses, init_losses, tau, eps), 1.0 - rho)
-    return ops.scale(hist, alpha) + ops.scale(balance_softmax(losses, prev_losses, tau, eps), 1.0 - alpha)
+    return ops.scale(hist, alpha) + balance_softmax(losses, prev_losses, tau, eps, 1.0 - alpha)
 
 
 class ReLoBRaLo(Balancer):
@@ -139,15 +139,16 @@ class ReLoBRaLo(Balancer):
         self.seed = check_int("lookback_seed", int(self.lookback_seed.numpy()[0]), minimum=0)
 
     def _update(self, values):
-        L = ops.cast(self._losses_now, self.lambdas.dtype)
-        ok, ready = self._losses_finite, self.initialised
+        b = self._buffers  # plain dict lookups: `Layer.__getattr__` costs microseconds a buffer
+        L, ready = ops.cast(self._losses_now, b["lambdas"].dtype), b["initialised"]
         rho = lookback_draw(self.seed, self._host["step"], self.expected_rho)
-        init = ops.where(ready, self.init_losses, L)
-        w = relobralo_weights(L, init, self.prev_losses, self.lambdas, rho, self.alpha, self.tau, self.eps)
-        self._set_weights(ops.where(ready, w, ops.filled(L.shape[0], 1.0, L)))  # skipped on non-finite losses
-        ops.assign_(ops.where(ok, init, self.init_losses), self.init_losses)
-        ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
-        ops.assign_(ready | ok, ready)
+        init = ops.where(ready, b["init_losses"], L)  # L(0): this call's losses on the first update
+        w = relobralo_weights(L, init, b["prev_losses"], b["lambdas"], rho, self.alpha, self.tau, self.eps)
+        ok = self._set_weights(ops.where(ready, w, ops.filled(L.shape[0], 1.0, L)))  # False: skipped, all kept
+        taken = ready | ok
+        ops.assign_(ops.where(taken, init, b["init_losses"]), b["init_losses"])
+        ops.assign_(ops.where(ok, L, b["prev_losses"]), b["prev_losses"])
+        ops.assign_(taken, ready)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, alpha={self.alpha}, expected_rho={self.expected_rho}, tau={self.tau}, "

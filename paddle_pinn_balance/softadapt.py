@@ -90,11 +90,11 @@ class SoftAdapt(Balancer):
         return {"prev_losses": [k], "initialised": [k]}
 
     def _update(self, values):
-        L = ops.cast(self._losses_now, self.lambdas.dtype)
-        ok, ready = self._losses_finite, self.initialised
-        prev = ops.where(ready, self.prev_losses, L)
-        self._set_weights(softadapt_weights(L, prev, self.beta, self.variant, self.eps))  # skipped on non-finite
-        ops.assign_(ops.where(ok, L, self.prev_losses), self.prev_losses)
+        b = self._buffers  # plain dict lookups: `Layer.__getattr__` costs microseconds a buffer
+        L, ready = ops.cast(self._losses_now, b["lambdas"].dtype), b["initialised"]
+        prev = ops.where(ready, b["prev_losses"], L)
+        ok = self._set_weights(softadapt_weights(L, prev, self.beta, self.variant, self.eps))  # False: skipped
+        ops.assign_(ops.where(ok, L, b["prev_losses"]), b["prev_losses"])
         ops.assign_(ready | ok, ready)
 
     def extra_repr(self):

@@ -109,6 +109,9 @@ def test_where_expands_a_0d_condition():
     same(ops.where(t([True, False, True], "bool"), x, y), paddle.where(t([True, False, True], "bool"), x, y))
     same(ops.where(paddle.to_tensor(False), x, y), y)
     same(ops.where(paddle.to_tensor(True), x, y), x)
+    flags = ops.expand(paddle.to_tensor(False), [3])
+    same(flags, t([False, False, False], "bool"))
+    same(ops.where(flags, x, y), y)
 
 
 def test_all_finite_slices_and_in_place_ops():
