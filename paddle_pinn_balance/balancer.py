@@ -241,8 +241,8 @@ class Balancer(paddle.nn.Layer):
         self._host["calls"] += 1
         ops.increment_(self.num_calls)
         update = step % self.update_freq == 0 and step != self._host.get("last_update_step")
+        self._host["step"] = step  # the step of this call (ReLoBRaLo's look-back draw, GradNorm's renormalisation)
         self._before_call(values, update)
-        self._host["step"] = step  # the step of this call (ReLoBRaLo's look-back draw is keyed on it)
         if update:
             self._host["last_update_step"] = step
             ops.increment_(self.num_updates)
@@ -302,11 +302,11 @@ class Balancer(paddle.nn.Layer):
                 total = total + ops.cast(s - s.detach(), total.dtype)
             return total
         # every rank delivers the same (rank-averaged) gradient; DataParallel's reducer averages it again
-        total = assembled_total(losses, w, self._direction(G, w), params)
-        if extra is not None:  # its own node: `paddle.grad` with respect to the model alone skips it
+        g = self._direction(G, w)
+        if extra is not None:  # one node delivers both: the model's gradient, then `param`'s own
             param, grad = extra
-            total = total + assembled_total(ops.filled(1, 0.0, losses), ops.filled(1, 0.0, losses), grad, [param])
-        return total
+            g, params = ops.concat([g, ops.cast(grad.detach(), g.dtype)]), list(params) + [param]
+        return assembled_total(losses, w, g, params)
 
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
@@ -361,9 +361,10 @@ class Balancer(paddle.nn.Layer):
         Paddle's ``minimum`` / ``maximum`` drop a NaN in one argument in some versions). Every
         ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
         gradient was non-finite or zero since the last check (their weights were kept)."""
-        low, bad = self.scale_min, self.scale_nonfinite
+        b = self._buffers
+        low, bad = b["scale_min"], b["scale_nonfinite"]
         scale = ops.cast(scale.detach(), low.dtype)
-        ops.assign_(ops.minimum(low, scale), low)
+        b["scale_min"] = ops.minimum(low, scale)
         ops.add_(bad, scale - scale)
         self._host["since_check"] += 1
         if self.check_every and self._host["since_check"] >= self.check_every:
@@ -437,20 +438,30 @@ class Balancer(paddle.nn.Layer):
         whose estimate was replaced by its current weight still counts), also for the non-finite /
         zero-gradient bookkeeping.
 
-        Returns the verdict as a bool vector, one (equal) entry per term: methods guard their own state with it
+        The weights become a new tensor (the ``lambdas`` buffer is rebound, not written in place): a total an
+        earlier call returned and the caller has not differentiated yet keeps the weights it was built with.
+
+        Returns the verdict as a bool vector, one (equal) entry per term: methods keep their own state with it
         (``where(ok, new, old)``), so a skipped update leaves all of it as it was.
         """
-        old = self._buffers["lambdas"]
-        raw = ops.cast(raw.detach(), old.dtype)
-        new = raw if self.momentum == 0.0 else ops.lerp(old, raw, ops.filled(None, 1.0 - self.momentum, old))
+        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
+        old = b["lambdas"]
+        new = ops.cast(raw.detach(), old.dtype)
+        if self.momentum != 0.0:
+            new = ops.lerp(old, new, ops.filled(None, 1.0 - self.momentum, old))
         new = self._clip(new)
-        # one test for all: a sum is non-finite when any addend is (an Inf gradient entry gives a finite estimate
-        # of 0 in max / (lambda * Inf), which must not be taken; a -Inf loss can give finite softmax weights)
-        check = new if scale is None else new + ops.cast(scale.detach(), new.dtype)
-        if self._losses_now is not None:
-            check = check + ops.cast(self._losses_now, new.dtype)
-        ok = ops.expand(ops.all_finite(check), new.shape)
-        ops.assign_(ops.where(ok, new, old), old)
+        if scale is not None:
+            # a sum is non-finite when either addend is (an Inf gradient entry gives a finite estimate of 0 in
+            # max / (lambda * Inf), which must not be taken)
+            ok = ops.all_finite(new + ops.cast(scale.detach(), new.dtype))
+        elif self._losses_now is not None:
+            # one product tests weights and losses: non-finite when any of either is (0 * Inf is NaN; a -Inf
+            # loss can give finite softmax weights); it overflows only where the weighted total does
+            ok = ops.isfinite(ops.dot(new, ops.cast(self._losses_now, new.dtype)))
+        else:
+            ok = ops.all_finite(new)
+        ok = ops.expand(ok, new.shape)
+        b["lambdas"] = ops.where(ok, new, old)
         if scale is not None:
             self._record_bad_terms(scale)
         return ok
@@ -521,6 +532,20 @@ class Balancer(paddle.nn.Layer):
 
     def _after_load(self) -> None:
         self._host["calls"] = int(self.num_calls.numpy()[0])
+        if "initialised" in self._buffers:
+            self._learn_initialised(self._buffers["initialised"], now=True)
+
+    def _learn_initialised(self, flags: paddle.Tensor, now: bool = False) -> None:
+        """Methods whose first update takes reference losses keep per-term flags on the device (``initialised``,
+        GradNorm's ``has_initial_losses``). Once every flag is set the host knows it (``_host["initialised"]``)
+        and later updates skip the flag arithmetic. Called at the end of each update while the host does not
+        know it yet; the flags are read (one synchronisation) at the first such update, then every
+        ``check_every`` updates (never with ``check_every=0``), and with ``now`` (after a load): in practice
+        once per run, at its first update."""
+        h = self._host
+        n = h["unknown_updates"] = h.get("unknown_updates", 0) + 1
+        if now or n == 1 or (self.check_every and n % self.check_every == 0):
+            h["initialised"] = bool(flags.numpy().all())
 
     def extra_repr(self) -> str:
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"

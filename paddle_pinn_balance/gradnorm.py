@@ -189,7 +189,6 @@ class GradNormBalancer(Balancer):
         self._renormalised_tol = 4.0 * self.n_loss ** 2 * float(np.finfo(dtype).eps)  # |sum(w) - T|: rounding only
         # the last L_grad, for logging (not state: a checkpoint does not hold it)
         self.register_buffer("last_grad_norm_loss", paddle.zeros([], dtype=dtype), persistable=False)
-        self._initial_complete = False  # host flag: every L_i(0) taken (read at check_terms, no extra sync)
         self._host["renormalise"] = True  # the weights may have changed since the last renormalisation
         if loss_names is not None:
             self._set_names(loss_names)
@@ -212,18 +211,20 @@ class GradNormBalancer(Balancer):
     def _after_load(self):
         super()._after_load()
         self._host["renormalise"] = True
-        self._initial_complete = bool(self.has_initial_losses.numpy().all())
+        self._host.pop("renormalised_at", None)
+        self._learn_initialised(self.has_initial_losses, now=True)
 
     def check_terms(self) -> dict:
         out = super().check_terms()  # synchronises anyway: learn whether every L_i(0) has been taken
         if hasattr(self, "has_initial_losses"):
-            self._initial_complete = bool(self.has_initial_losses.numpy().all())
+            self._learn_initialised(self.has_initial_losses, now=True)
         return out
 
     def reset_initial_losses(self) -> None:
         """Take :math:`L_i(0)` again at the next call."""
         self.has_initial_losses.set_value(paddle.zeros([self.n_loss], dtype="bool"))
-        self._initial_complete = False
+        self._host["initialised"] = False
+        self._host["unknown_updates"] = 0
 
     # ------------------------------------------------------------------ the method
 
@@ -248,8 +249,10 @@ class GradNormBalancer(Balancer):
 
     def _renormalise(self) -> None:
         """``w <- T w / sum(w)`` in place, after bounds (no graph: detached). The weights stay finite and
-        their sum positive: the weight gradient is zeroed where non-finite, and ``min_weight > 0``."""
-        ops.assign_(self._normalised(), self.loss_weights)
+        their sum positive: the weight gradient is zeroed where non-finite, and ``min_weight > 0``. Training
+        calls it once per step (:meth:`_before_call`), so the calls of one step see the same weights."""
+        w = self._clip(self.loss_weights.detach())
+        ops.assign_(ops.scale(w, float(self.n_loss)) / ops.total(w), self.loss_weights)
 
     def _capture_initial(self, current) -> None:
         """:math:`L_i(0)`: the first finite, positive loss of each term (on the device, no sync): a term
@@ -265,14 +268,17 @@ class GradNormBalancer(Balancer):
 
     def _before_call(self, values, update):
         """Renormalise once after the weights may have changed (an update call, whose optimizer step
-        follows; a load). A call that does not update leaves the weights without a gradient (``None``, not
-        zeros), so the optimizer skips them: they keep their value between updates, as no L_grad was taken
-        (with zeros Adam's momentum would still move them)."""
-        if self._host["renormalise"]:
+        follows; a load), at the first call of the next step: later calls of that step (an L-BFGS closure,
+        accumulated micro-batches) see the same weights. A call that does not update leaves the weights without
+        a gradient (``None``, not zeros), so the optimizer skips them: they keep their value between updates,
+        as no L_grad was taken (with zeros Adam's momentum would still move them)."""
+        h = self._host
+        if h["renormalise"] and h["step"] != h.get("renormalised_at"):
             self._renormalise()
-            self._host["renormalise"] = False
+            h["renormalise"] = False
+            h["renormalised_at"] = h["step"]
         if update:
-            self._host["renormalise"] = True
+            h["renormalise"] = True
         else:
             self.loss_weights.clear_gradient(False)
 
@@ -287,21 +293,24 @@ class GradNormBalancer(Balancer):
 
     def _weight_gradient(self, current, norms) -> tuple:
         """:func:`gradnorm_weight_gradient` with this balancer's weights and :math:`L_i(0)`; keeps L_grad."""
-        has_initial = None if self._initial_complete else self.has_initial_losses
+        has_initial = None if self._host.get("initialised") else self.has_initial_losses
         l_grad, grad = gradnorm_weight_gradient(norms, current, self.initial_losses, self.loss_weights, self.alpha,
                                                 self.eps, has_initial)
-        ops.assign_(l_grad, self.last_grad_norm_loss)
+        self._buffers["last_grad_norm_loss"] = l_grad  # rebound, not copied (a logging value)
         return l_grad, grad
 
     needs_gradients = True
 
     def _update_from_gradients(self, losses, G):
         current = self._current_losses(losses)
-        if not self._initial_complete:
+        known = self._host.get("initialised")
+        if not known:
             self._capture_initial(current)
         norms = ops.row_norm(ops.leading_columns(G, self._n_shared))
         self._record_bad_terms(norms)
         _, grad = self._weight_gradient(current, norms)
+        if not known:
+            self._learn_initialised(self.has_initial_losses)
         return self.loss_weights, grad  # the total's backward gives the weights dL_grad/dw, nothing into the net
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:

@@ -51,7 +51,7 @@ def _t(*a, dtype="float32"):
 
 
 def _public_flatten_cat(tensors):
-    return paddle.concat([paddle.reshape(t, [-1]) for t in tensors])
+    return paddle.concat([t if len(t.shape) == 1 else paddle.reshape(t, [-1]) for t in tensors])
 
 
 def _split_views(flat, tensors):
@@ -68,6 +68,10 @@ def _public_views_like(tensors):
     return [flat] + _split_views(flat, tensors)
 
 
+def _public_zeros_views(tensors):
+    return [paddle.zeros_like(t) for t in tensors]
+
+
 def _public_flatten_copy(tensors):
     return paddle.concat([paddle.reshape(t.detach(), [-1]) for t in tensors])
 
@@ -75,6 +79,10 @@ def _public_flatten_copy(tensors):
 def _public_flatten_copy_views(tensors):
     flat = _public_flatten_copy(tensors)
     return [flat] + _split_views(flat, tensors)
+
+
+def _public_concat(tensors):
+    return paddle.concat(list(tensors), 0)
 
 
 def _public_stack(tensors):
@@ -163,6 +171,10 @@ def _public_expand(x, shape):
     return paddle.expand(x, list(shape))
 
 
+def _public_softmax(x):
+    return paddle.nn.functional.softmax(x, axis=-1)
+
+
 def _public_lerp(x, y, weight):
     return paddle.lerp(x, y, weight)
 
@@ -210,7 +222,7 @@ def _in_place(fn_args):
 
 @_pair(_public_flatten_cat, lambda f: f(_XS()))
 def _c_flatten_cat(tensors):
-    return _C.concat([_C.reshape(t, [-1]) for t in tensors], 0)
+    return _C.concat([t if len(t.shape) == 1 else _C.reshape(t, [-1]) for t in tensors], 0)
 
 
 @_pair(_public_views_like, lambda f: [list(v.shape) for v in f(_XS())])
@@ -224,10 +236,21 @@ def _c_flatten_copy(tensors):
     return _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])[1]
 
 
+@_pair(_public_zeros_views, lambda f: f(_XS()))
+def _c_zeros_views(tensors):
+    views, _ = _C.coalesce_tensor(list(tensors), tensors[0].dtype, False, True, False, 0.0, False, 0, -1, [], [])
+    return list(views)
+
+
 @_pair(_public_flatten_copy_views, lambda f: f(_XS()))
 def _c_flatten_copy_views(tensors):
     views, flat = _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])
     return [flat] + list(views)
+
+
+@_pair(_public_concat, lambda f: f([_V(), _t(7.0, 8.0)]))
+def _c_concat(tensors):
+    return _C.concat(list(tensors), 0)
 
 
 @_pair(_public_stack, lambda f: f([_V(), _W()]))
@@ -338,6 +361,11 @@ def _c_expand(x, shape):
     return _C.expand(x, list(shape))
 
 
+@_pair(_public_softmax, lambda f: [f(_W()), f(_t(1e6, 1.0, -3.0))])
+def _c_softmax(x):
+    return _C.softmax(x, -1)
+
+
 @_pair(_public_lerp, lambda f: f(_V(), _W(), _t(0.25).reshape([])))
 def _c_lerp(x, y, weight):
     return _C.lerp(x, y, weight)
@@ -395,13 +423,14 @@ def _works(name: str) -> bool:
 
 _CHOSEN = {name: PUBLIC[name] if FORCE_PUBLIC or not _works(name) else PRIVATE[name] for name in PRIVATE}
 FALLBACKS = sorted(name for name, f in _CHOSEN.items() if f is PUBLIC[name])
-(_flatten_cat, _views_like, _flatten_copy, _flatten_copy_views, _stack, _abs, _full, _not_equal, _matmul, _total,
- _row_max, _sqrt, _item, _leading_columns, _reshape, _scale, _pow, _sign, _isfinite, _multiply, _add_, _dot, _cast,
- _where, _expand, _lerp, _clip, _minimum, _maximum, _all_finite, _assign_, _increment_) = (
-    _CHOSEN[n] for n in ("flatten_cat", "views_like", "flatten_copy", "flatten_copy_views", "stack", "abs", "full",
-                         "not_equal", "matmul", "total", "row_max", "sqrt", "item", "leading_columns", "reshape",
-                         "scale", "pow", "sign", "isfinite", "multiply", "add_", "dot", "cast", "where", "expand",
-                         "lerp", "clip", "minimum", "maximum", "all_finite", "assign_", "increment_"))
+_NAMES = ("flatten_cat", "views_like", "zeros_views", "flatten_copy", "flatten_copy_views", "concat", "stack", "abs",
+          "full", "not_equal", "matmul", "total", "row_max", "sqrt", "item", "leading_columns", "reshape", "scale",
+          "pow", "sign", "isfinite", "multiply", "add_", "dot", "cast", "where", "expand", "softmax", "lerp", "clip",
+          "minimum", "maximum", "all_finite", "assign_", "increment_")
+(_flatten_cat, _views_like, _zeros_views, _flatten_copy, _flatten_copy_views, _concat, _stack, _abs, _full, _not_equal,
+ _matmul, _total, _row_max, _sqrt, _item, _leading_columns, _reshape, _scale, _pow, _sign, _isfinite,
+ _multiply, _add_, _dot, _cast, _where, _expand, _softmax, _lerp, _clip, _minimum, _maximum, _all_finite,
+ _assign_, _increment_) = (_CHOSEN[n] for n in _NAMES)
 
 
 # ---------------------------------------------------------------------------- the operations
@@ -430,6 +459,11 @@ def flatten_copy_views(tensors: Sequence[paddle.Tensor]) -> list:
     return _flatten_copy_views(tensors)
 
 
+def concat(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    """``paddle.concat(tensors)`` of vectors (one longer vector)."""
+    return _concat(tensors)
+
+
 def stack(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """``paddle.stack(tensors)`` along a new first axis."""
     return _stack(tensors)
@@ -443,13 +477,20 @@ _CONSTANTS: dict = {}
 
 
 def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
-    """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor) in ``like``'s dtype and place. Never
-    written to."""
-    key = (n, value, like.dtype, str(like.place))
+    """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor; a tuple: that shape) in ``like``'s dtype
+    and place. Never written to."""
+    key = (n, value, like.dtype, like.place)  # places compare and hash by device
     v = _CONSTANTS.get(key)
     if v is None:
-        v = _CONSTANTS[key] = _full([] if n is None else [n], value, like.dtype, like.place)
+        shape = [] if n is None else list(n) if isinstance(n, tuple) else [n]
+        v = _CONSTANTS[key] = _full(shape, value, like.dtype, like.place)
     return v
+
+
+def zeros_views(tensors: Sequence[paddle.Tensor]) -> list:
+    """New zero tensors shaped like each of ``tensors`` (one dtype), views into one zeroed buffer (one
+    operation)."""
+    return _zeros_views(tensors)
 
 
 def fresh_zero(like: paddle.Tensor) -> paddle.Tensor:
@@ -552,6 +593,11 @@ def where(cond: paddle.Tensor, x: paddle.Tensor, y: paddle.Tensor) -> paddle.Ten
 def expand(x: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
     """``x`` broadcast to ``shape`` (a 0-d flag to one per term, for several :func:`where` on one condition)."""
     return _expand(x, shape)
+
+
+def softmax(x: paddle.Tensor) -> paddle.Tensor:
+    """``paddle.nn.functional.softmax`` along the last axis (the maximum is subtracted inside: overflow-safe)."""
+    return _softmax(x)
 
 
 def lerp(x: paddle.Tensor, y: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:

@@ -29,12 +29,11 @@ def lookback_draw(seed: int, step: int, expected_rho: float) -> float:
     return 1.0 if (z >> 11) * 2.0 ** -53 < expected_rho else 0.0
 
 
-def balance_softmax(losses, ref, tau: float, eps: float, factor: float = 1.0):
+def balance_softmax(losses, ref, tau: float, eps: float):
     r""":math:`\hat w_j(t;t') = n\,\mathrm{softmax}_j\big(L_j(t) / (\tau L_j(t') + \epsilon)\big)`
-    (arXiv 2110.09813 eq. 11, first line, :math:`\lambda^{bal}_i(t,t')`), times ``factor``; Paddle's softmax
-    subtracts the maximum before the exponential (overflow-safe)."""
-    z = losses / ops.scale(ref, tau, eps)
-    return ops.scale(paddle.nn.functional.softmax(z), factor * losses.shape[0])
+    (arXiv 2110.09813 eq. 11, first line, :math:`\lambda^{bal}_i(t,t')`); the softmax subtracts the maximum
+    before the exponential (overflow-safe)."""
+    return ops.scale(ops.softmax(losses / ops.scale(ref, tau, eps)), float(losses.shape[0]))
 
 
 def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float, alpha: float, tau: float,
@@ -55,7 +54,8 @@ def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float
         hist = balance_softmax(losses, init_losses, tau, eps)
     else:
         hist = ops.scale(prev_weights, rho) + ops.scale(balance_softmax(losses, init_losses, tau, eps), 1.0 - rho)
-    return ops.scale(hist, alpha) + balance_softmax(losses, prev_losses, tau, eps, 1.0 - alpha)
+    bal = balance_softmax(losses, prev_losses, tau, eps)
+    return ops.lerp(bal, ops.cast(hist, bal.dtype), ops.filled(None, alpha, bal))  # (1 - alpha) bal + alpha hist
 
 
 class ReLoBRaLo(Balancer):
@@ -139,16 +139,23 @@ class ReLoBRaLo(Balancer):
         self.seed = check_int("lookback_seed", int(self.lookback_seed.numpy()[0]), minimum=0)
 
     def _update(self, values):
-        b = self._buffers  # plain dict lookups: `Layer.__getattr__` costs microseconds a buffer
-        L, ready = ops.cast(self._losses_now, b["lambdas"].dtype), b["initialised"]
+        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
+        L = ops.cast(self._losses_now, b["lambdas"].dtype)
         rho = lookback_draw(self.seed, self._host["step"], self.expected_rho)
-        init = ops.where(ready, b["init_losses"], L)  # L(0): this call's losses on the first update
-        w = relobralo_weights(L, init, b["prev_losses"], b["lambdas"], rho, self.alpha, self.tau, self.eps)
+        prev = b["prev_losses"]
+        if self._host.get("initialised"):  # L(0) taken (known on the host): the update alone
+            w = relobralo_weights(L, b["init_losses"], prev, b["lambdas"], rho, self.alpha, self.tau, self.eps)
+            b["prev_losses"] = ops.where(self._set_weights(w), L, prev)  # a skipped update keeps L(t-1)
+            return
+        # until every L_j(0) is taken: the first update of a term takes this call's losses and gives weight 1
+        ready = b["initialised"]
+        init = ops.where(ready, b["init_losses"], L)
+        w = relobralo_weights(L, init, prev, b["lambdas"], rho, self.alpha, self.tau, self.eps)
         ok = self._set_weights(ops.where(ready, w, ops.filled(L.shape[0], 1.0, L)))  # False: skipped, all kept
-        taken = ready | ok
-        ops.assign_(ops.where(taken, init, b["init_losses"]), b["init_losses"])
-        ops.assign_(ops.where(ok, L, b["prev_losses"]), b["prev_losses"])
-        ops.assign_(taken, ready)
+        b["init_losses"] = ops.where(ok, init, b["init_losses"])
+        b["prev_losses"] = ops.where(ok, L, prev)
+        b["initialised"] = ready | ok
+        self._learn_initialised(b["initialised"])
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, alpha={self.alpha}, expected_rho={self.expected_rho}, tau={self.tau}, "

@@ -30,7 +30,7 @@ def softadapt_weights(losses, prev_losses, beta: float, variant: str = "differen
             s = s / ops.scale(ops.total(ops.abs(s)), 1.0, eps)
     z = ops.scale(s, beta)
     if variant != "loss_weighted":
-        return paddle.nn.functional.softmax(z)  # max-shifted inside
+        return ops.softmax(z)  # max-shifted inside
     e = losses * paddle.exp(z - z.max())
     return e / ops.scale(ops.total(e), 1.0, eps)
 
@@ -90,12 +90,17 @@ class SoftAdapt(Balancer):
         return {"prev_losses": [k], "initialised": [k]}
 
     def _update(self, values):
-        b = self._buffers  # plain dict lookups: `Layer.__getattr__` costs microseconds a buffer
-        L, ready = ops.cast(self._losses_now, b["lambdas"].dtype), b["initialised"]
-        prev = ops.where(ready, b["prev_losses"], L)
-        ok = self._set_weights(softadapt_weights(L, prev, self.beta, self.variant, self.eps))  # False: skipped
-        ops.assign_(ops.where(ok, L, b["prev_losses"]), b["prev_losses"])
-        ops.assign_(ready | ok, ready)
+        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
+        L, prev = ops.cast(self._losses_now, b["lambdas"].dtype), b["prev_losses"]
+        if self._host.get("initialised"):  # L(t-1) taken (known on the host): the update alone
+            w = softadapt_weights(L, prev, self.beta, self.variant, self.eps)
+            b["prev_losses"] = ops.where(self._set_weights(w), L, prev)  # a skipped update keeps L(t-1)
+            return
+        ready = b["initialised"]  # the first update compares the losses with themselves (equal rates)
+        ok = self._set_weights(softadapt_weights(L, ops.where(ready, prev, L), self.beta, self.variant, self.eps))
+        b["prev_losses"] = ops.where(ok, L, prev)
+        b["initialised"] = ready | ok
+        self._learn_initialised(b["initialised"])
 
     def extra_repr(self):
         return f"{super().extra_repr()}, beta={self.beta}, variant={self.variant!r}"

@@ -80,18 +80,28 @@ def test_renormalisation_after_optimizer_steps():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_renormalising_twice_is_renormalising_once(dtype):
-    """T w / sum(w) of renormalised weights can move them by an ulp; the weights a call renormalised are kept
-    bit for bit by the next renormalisation (an L-BFGS closure's calls of one step see the same weights)."""
-    agg = GradNorm(make_net(dtype=dtype), n_loss=3).aggregator
+def test_calls_of_one_step_see_the_same_weights(dtype):
+    """Weights an optimizer step left off sum(w) = T are renormalised at the first call of the next step, once:
+    the later calls of that step (an L-BFGS closure, accumulated micro-batches) see them bit for bit (T w / sum(w)
+    of renormalised weights could move them by an ulp), and ``get_weights()`` reports exactly them."""
+    wrapper = GradNorm(make_net(dtype=dtype), n_loss=3)
+    agg = wrapper.aggregator
+    data = make_data()
+
+    def losses():
+        return {n: ((wrapper(paddle.to_tensor(x, dtype=dtype)) - paddle.to_tensor(t, dtype=dtype)) ** 2).mean()
+                for n, (x, t) in data.items()}
+
     rng = np.random.default_rng(0)
-    for _ in range(20):  # without the guard about half of these move in the second renormalisation
-        agg.loss_weights.set_value(rng.uniform(0.2, 2.0, 3).astype(dtype))
-        agg._renormalise()
+    for step in range(20):
+        raw = rng.uniform(0.2, 2.0, 3).astype(dtype)
+        agg.loss_weights.set_value(raw)  # as an optimizer step leaves them
+        agg(losses(), step)
         once = agg.loss_weights.numpy().copy()
-        assert once.sum() == pytest.approx(3.0, rel=1e-6)
-        agg._renormalise()
-        np.testing.assert_array_equal(agg.loss_weights.numpy(), once)
+        np.testing.assert_allclose(once, 3.0 * raw / raw.sum(), rtol=1e-6)
+        for _ in range(2):
+            agg(losses(), step)
+            np.testing.assert_array_equal(agg.loss_weights.numpy(), once)
         np.testing.assert_array_equal(agg.get_weights(), once)  # reported as used
 
 

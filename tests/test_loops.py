@@ -133,6 +133,22 @@ def test_gradient_accumulation_over_calls(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_totals_of_two_update_steps_summed_before_one_backward(kind):
+    """Two calls with consecutive steps (both update the weights: update_freq 1, or ``step=None`` counting
+    calls) and one backward of their sum: each total keeps the weights of its own call (an update must not
+    change the weights an earlier, not yet differentiated total was built with)."""
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    total_a = bal(losses_of(model), step)
+    w_a = dict(gradnorm_weights(bal, model))
+    total_b = bal(losses_of(model, shift=0.1), step + 1)
+    w_b = dict(gradnorm_weights(bal, model))
+    (total_a + total_b).backward()
+    ref = [a + b for a, b in zip(reference_grads(model, w_a), reference_grads(model, w_b, shift=0.1))]
+    close(grads(params), ref)
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
 def test_paddle_grad_of_the_total(kind):
     model, bal, opt, step = setup(kind)
     params = net_params(model)
@@ -142,6 +158,31 @@ def test_paddle_grad_of_the_total(kind):
     assert all(g is not None for g in got)
     close([g.numpy() for g in got], reference_grads(model, gradnorm_weights(bal, model)))
     close(grads(params), before)  # paddle.grad leaves .grad alone
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+@pytest.mark.parametrize("which", [(0,), (2,), (1, 3)])
+def test_paddle_grad_with_respect_to_some_parameters(kind, which):
+    """``paddle.grad(total, some_params)`` (a gradient penalty, a norm of one layer's gradient): the others are
+    pruned from the backward, and the returned gradients are theirs of ``sum_i w_i L_i``."""
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    some = [params[i] for i in which]
+    total = bal(losses_of(model), step)
+    got = paddle.grad(total, some)
+    ref = reference_grads(model, gradnorm_weights(bal, model))
+    close([g.numpy() for g in got], [ref[i] for i in which])
+
+
+def test_paddle_grad_of_gradnorm_weights_alone():
+    """On an update step the total's gradient with respect to GradNorm's weights is its own rule (dL_grad/dw):
+    ``paddle.grad`` with respect to the weights alone returns what ``backward()`` gives them."""
+    model, bal, opt, step = setup("gradnorm")
+    (w_grad,) = paddle.grad(bal(losses_of(model), step), [model.loss_weights])
+    model2, bal2, _, _ = setup("gradnorm")
+    bal2(losses_of(model2), step).backward()
+    np.testing.assert_allclose(w_grad.numpy(), model2.loss_weights.grad.numpy(), rtol=1e-6)
+    assert np.any(w_grad.numpy() != 0)
 
 
 @pytest.mark.parametrize("kind", sorted(BALANCERS))
@@ -157,18 +198,20 @@ def test_factor_on_the_total(kind, scale):
 @pytest.mark.parametrize("kind", sorted(BALANCERS))
 def test_optimizer_minimize(kind):
     """Paddle's ``total.backward(); optimizer.minimize(total)`` (its documented dygraph idiom: ``minimize``
-    applies the gradients backward left): SGD moves every parameter by exactly ``-lr`` times autograd's
-    gradient of ``sum_i w_i L_i``."""
+    applies the gradients backward left), three steps in a row: SGD moves every parameter by exactly ``-lr``
+    times autograd's gradient of ``sum_i w_i L_i`` (nothing the balancer keeps between calls is written to by
+    the optimizer's handling of ``.grad``)."""
     model, bal, _, step = setup(kind)
     params = net_params(model)
     sgd = paddle.optimizer.SGD(0.1, parameters=params)
-    sgd.clear_grad()
-    before = [p.numpy().copy() for p in params]
-    total = bal(losses_of(model), step)
-    ref = reference_grads(model, gradnorm_weights(bal, model))
-    total.backward()
-    sgd.minimize(total)
-    close([p.numpy() for p in params], [b - 0.1 * g for b, g in zip(before, ref)])
+    for step in range(step, step + 3):
+        sgd.clear_grad()
+        before = [p.numpy().copy() for p in params]
+        total = bal(losses_of(model), step)
+        ref = reference_grads(model, gradnorm_weights(bal, model))
+        total.backward()
+        sgd.minimize(total)
+        close([p.numpy() for p in params], [b - 0.1 * g for b, g in zip(before, ref)])
 
 
 @pytest.mark.parametrize("kind", ["lra_siam", "ntk_grad_norm", "gradnorm", "relobralo", "ntk_trace"])
