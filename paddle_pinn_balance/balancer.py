@@ -215,8 +215,10 @@ class Balancer(paddle.nn.Layer):
         One step, as the code runs it:
 
         1. the names and shapes are checked (``ValueError`` naming the key);
-        2. the step is an *update step* when ``step % update_freq == 0`` and no earlier call had this
-           ``step`` (an L-BFGS closure calls several times per step: only the first call updates);
+        2. the step is an *update step* when ``step % update_freq == 0``, no earlier call had this
+           ``step`` (an L-BFGS closure calls several times per step: only the first call updates) and
+           gradients are enabled (a call under ``paddle.no_grad()``, e.g. a validation loss, only reads
+           the weights);
         3. not an update step: the total is ``sum_i lambda_i L_i`` through the losses' graph (weights
            detached);
         4. an update step of a method with statistics of its own (NTK traces, loss-only methods): the
@@ -240,7 +242,9 @@ class Balancer(paddle.nn.Layer):
         step = int(step)
         self._host["calls"] += 1
         ops.increment_(self.num_calls)
-        update = step % self.update_freq == 0 and step != self._host.get("last_update_step")
+        # under paddle.no_grad() (a validation loss, logging) nothing is trained: the weights are only read
+        update = (step % self.update_freq == 0 and step != self._host.get("last_update_step")
+                  and paddle.is_grad_enabled())
         self._host["step"] = step  # the step of this call (ReLoBRaLo's look-back draw, GradNorm's renormalisation)
         self._before_call(values, update)
         if update:
@@ -298,15 +302,15 @@ class Balancer(paddle.nn.Layer):
             total = weighted_sum(ops.stack(values), w)
             if extra is not None:  # a term of value 0 whose gradient with respect to `param` is `grad`
                 param, grad = extra
-                s = ops.dot(param, ops.cast(grad, param.dtype))
+                s = ops.total(ops.multiply(param, ops.cast(grad, param.dtype)))  # twice differentiable
                 total = total + ops.cast(s - s.detach(), total.dtype)
             return total
         # every rank delivers the same (rank-averaged) gradient; DataParallel's reducer averages it again
-        g = self._direction(G, w)
-        if extra is not None:  # one node delivers both: the model's gradient, then `param`'s own
+        total = assembled_total(losses, w, self._direction(G, w), params)
+        if extra is not None:  # its own node (DataParallel's reducer counts the weights' gradient once only so)
             param, grad = extra
-            g, params = ops.concat([g, ops.cast(grad.detach(), g.dtype)]), list(params) + [param]
-        return assembled_total(losses, w, g, params)
+            total = total + assembled_total(ops.filled(1, 0.0, losses), ops.filled(1, 0.0, losses), grad, [param])
+        return total
 
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
@@ -552,8 +556,11 @@ class Balancer(paddle.nn.Layer):
 
 
 def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
-    """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype."""
-    return ops.dot(stacked, ops.cast(weights.detach(), stacked.dtype))
+    """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype. A
+    product and a sum, not ``dot`` or a vector ``matmul``: a loop may differentiate the total's gradient again
+    (``paddle.grad(..., create_graph=True)``, a gradient penalty), and in Paddle 3.3 ``dot`` has no second
+    derivative and a 0-d ``matmul`` result added to anything fails in the add's second derivative."""
+    return ops.total(ops.multiply(stacked, ops.cast(weights.detach(), stacked.dtype)))
 
 
 class Sum(Balancer):

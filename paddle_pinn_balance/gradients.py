@@ -145,57 +145,56 @@ def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tens
 
 
 def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    """Per-term gradients as :func:`term_gradients`, from ``backward()`` instead of ``paddle.grad``: in
-    PaddlePaddle a backward frees the graph's saved tensors as it goes and costs less than a partial
-    ``paddle.grad``, so the step's peak memory and time stay those of a plain backward.
+    """Per-term gradients as :func:`term_gradients`, from ``backward()`` into ``.grad`` instead of
+    ``paddle.grad``: in PaddlePaddle a backward frees the graph's saved tensors as it goes and costs less
+    than a partial ``paddle.grad``, so the step's peak memory and time stay those of a plain backward.
 
-    Each term's gradient is taken by a hook on every parameter (the gradient the backward produces for it,
-    before accumulation, after any hook the caller registered earlier); the hook hands the accumulation a zero
-    instead, so ``.grad`` is left as it was found: what it held (gradient accumulation, zeros after
-    ``clear_grad()``) stays (plus zero), and a parameter that had no gradient has none again. Nothing is copied
-    until the end: one copy of every term's gradients, which is the stacked matrix. The graph is freed (the first
-    term, usually the residual with the largest graph, goes last and frees as it goes). Single process only:
+    ``.grad`` is left as it was found: what it held before (gradient accumulation, zeros after
+    ``clear_grad()``) is copied out in one operation, each term's gradient is read alone, and the copy is
+    written back; a parameter that had no gradient has none again. The graph is freed (the first term,
+    usually the residual with the largest graph, goes last and frees as it goes). Single process only:
     under data parallelism each backward would trigger the gradient all-reduce.
     """
-    k, n = len(values), len(params)
-    rows = [[None] * n for _ in range(k)]
-    term = [0]
     had = [p.grad is not None for p in params]
-    # what each hook hands the accumulation: fresh zeros (the engine may make one the parameter's .grad, which
-    # the caller then writes to: a cached constant would be corrupted); one buffer when the dtypes agree
-    if len({p.dtype for p in params}) == 1:
-        back = ops.zeros_views(params)
-    else:
-        back = [paddle.zeros_like(p) for p in params]
-
-    def hook(j):
-        def take(g):
-            rows[term[0]][j] = g
-            return back[j]
-        return take
-
-    handles = [p.register_hook(hook(j)) for j, p in enumerate(params)]
-    try:
-        for i in reversed(range(k)):
-            if not values[i].stop_gradient:
-                term[0] = i
-                values[i].backward(retain_graph=i > 0)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, h in zip(params, had):
+    prior = None
+    if any(had):
+        held = [p.grad if h else paddle.zeros_like(p) for p, h in zip(params, had)]
+        if len({p.dtype for p in params}) == 1:
+            prior = ops.flatten_copy_views(held)
+        else:  # several dtypes: one copy each (a flattening copy is of one dtype)
+            prior = [None] + [g.detach().clone() for g in held]
+        _clear(params)
+    rows = []  # terms K-1 .. 1, each copied out flat
+    for i in reversed(range(len(values))):
+        v = values[i]
+        if v.stop_gradient:
+            grads = [paddle.zeros_like(p) for p in params]
+        else:
+            v.backward(retain_graph=i > 0)
+            grads = [paddle.zeros_like(p) if p.grad is None else p.grad for p in params]
+        grads = _one_dtype(grads)
+        if i > 0:
+            rows.append(ops.flatten_copy(grads))
+            _clear(params)
+    # term 0 last: its gradients and the rows above in one copy, which is the stacked matrix
+    G = ops.reshape(ops.flatten_copy(grads + rows[::-1]), [len(values), -1])
+    if prior is None:
+        _clear(params)
+    else:  # put back what .grad held (in place where term 0 left a gradient, else through the setter's copy)
+        for p, h, v in zip(params, had, prior[1:]):
             if not h:
                 p.clear_gradient(False)
-    # a parameter a term does not reach has no gradient from it: zeros (the cached constant; copied below)
-    flat = [g if g is not None else back_zero(p) for row in rows for g, p in zip(row, params)]
-    G = ops.reshape(ops.flatten_copy(_one_dtype(flat)), [k, -1])
-    G.stop_gradient = True  # nothing downstream may record a graph
+            elif p.grad is None:
+                p.grad = v
+            else:
+                ops.assign_(v, p.grad)
+    G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
     return G
 
 
-def back_zero(p: paddle.Tensor) -> paddle.Tensor:
-    """A cached zero tensor of ``p``'s shape, dtype and place (never written to)."""
-    return ops.filled(tuple(p.shape), 0.0, p)
+def _clear(params: Sequence[paddle.Tensor]) -> None:
+    for p in params:
+        p.clear_gradient(False)
 
 
 class _AssembledTotal(paddle.autograd.PyLayer):
@@ -219,6 +218,34 @@ class _AssembledTotal(paddle.autograd.PyLayer):
         return None, None, ops.multiply(g, ops.cast(c, g.dtype))
 
 
+class _AssembledTotalLeaves(paddle.autograd.PyLayer):
+    """Data-parallel form of :class:`_AssembledTotal`: ``forward(value, g, *leaves) = value``; ``backward(c) =
+    (None, None, c * g`` split like ``leaves)``. ``paddle.DataParallel(GradNorm(net))`` fails with the flattened
+    input (its reducer reports GradNorm's weights "ready before"); with the leaves as the node's inputs it does
+    not. The price: ``paddle.grad`` with respect to some of the leaves only raises (Paddle requires a PyLayer to
+    return None where ``paddle.grad`` prunes an input)."""
+
+    @staticmethod
+    def forward(ctx, value, g, *leaves):
+        ctx.g = g
+        ctx.leaves = leaves
+        return ops.scale(value, 1.0)
+
+    @staticmethod
+    def backward(ctx, c):
+        g = ctx.g
+        flat = ops.multiply(g, ops.cast(c, g.dtype))
+        leaves = ctx.leaves
+        if all(p.dtype == g.dtype for p in leaves):  # one fresh buffer with a view per leaf (one operation)
+            views = ops.views_like(leaves)
+            ops.assign_(flat, views[0])
+            parts = views[1:]
+        else:  # leaves of several dtypes (an added parameter in float64 beside a float32 net)
+            sizes = [int(np.prod(p.shape)) for p in leaves]
+            parts = [ops.cast(ops.reshape(x, p.shape), p.dtype) for x, p in zip(paddle.split(flat, sizes), leaves)]
+        return (None, None) + tuple(None if p.stop_gradient else v for p, v in zip(leaves, parts))
+
+
 def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, g: paddle.Tensor,
                     leaves: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """A scalar whose value is ``sum_i w_i L_i`` and whose gradient with respect to ``leaves`` is ``g``.
@@ -232,7 +259,12 @@ def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, g: paddle.Te
     """
     value = ops.dot(stacked, ops.cast(weights.detach(), stacked.dtype))
     g = g.detach()
-    flat = ops.flatten_cat([ops.cast(p, g.dtype) for p in leaves])
+    if world_size() > 1:
+        return _AssembledTotalLeaves.apply(value, g, *leaves)
+    if len(leaves) == 1 and len(leaves[0].shape) == 1 and leaves[0].dtype == g.dtype:
+        flat = leaves[0]  # a vector already (GradNorm's weights): the leaf itself
+    else:
+        flat = ops.flatten_cat([ops.cast(p, g.dtype) for p in leaves])
     return _AssembledTotal.apply(value, g, flat)
 
 

@@ -68,10 +68,6 @@ def _public_views_like(tensors):
     return [flat] + _split_views(flat, tensors)
 
 
-def _public_zeros_views(tensors):
-    return [paddle.zeros_like(t) for t in tensors]
-
-
 def _public_flatten_copy(tensors):
     return paddle.concat([paddle.reshape(t.detach(), [-1]) for t in tensors])
 
@@ -79,10 +75,6 @@ def _public_flatten_copy(tensors):
 def _public_flatten_copy_views(tensors):
     flat = _public_flatten_copy(tensors)
     return [flat] + _split_views(flat, tensors)
-
-
-def _public_concat(tensors):
-    return paddle.concat(list(tensors), 0)
 
 
 def _public_stack(tensors):
@@ -236,21 +228,10 @@ def _c_flatten_copy(tensors):
     return _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])[1]
 
 
-@_pair(_public_zeros_views, lambda f: f(_XS()))
-def _c_zeros_views(tensors):
-    views, _ = _C.coalesce_tensor(list(tensors), tensors[0].dtype, False, True, False, 0.0, False, 0, -1, [], [])
-    return list(views)
-
-
 @_pair(_public_flatten_copy_views, lambda f: f(_XS()))
 def _c_flatten_copy_views(tensors):
     views, flat = _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])
     return [flat] + list(views)
-
-
-@_pair(_public_concat, lambda f: f([_V(), _t(7.0, 8.0)]))
-def _c_concat(tensors):
-    return _C.concat(list(tensors), 0)
 
 
 @_pair(_public_stack, lambda f: f([_V(), _W()]))
@@ -423,11 +404,11 @@ def _works(name: str) -> bool:
 
 _CHOSEN = {name: PUBLIC[name] if FORCE_PUBLIC or not _works(name) else PRIVATE[name] for name in PRIVATE}
 FALLBACKS = sorted(name for name, f in _CHOSEN.items() if f is PUBLIC[name])
-_NAMES = ("flatten_cat", "views_like", "zeros_views", "flatten_copy", "flatten_copy_views", "concat", "stack", "abs",
+_NAMES = ("flatten_cat", "views_like", "flatten_copy", "flatten_copy_views", "stack", "abs",
           "full", "not_equal", "matmul", "total", "row_max", "sqrt", "item", "leading_columns", "reshape", "scale",
           "pow", "sign", "isfinite", "multiply", "add_", "dot", "cast", "where", "expand", "softmax", "lerp", "clip",
           "minimum", "maximum", "all_finite", "assign_", "increment_")
-(_flatten_cat, _views_like, _zeros_views, _flatten_copy, _flatten_copy_views, _concat, _stack, _abs, _full, _not_equal,
+(_flatten_cat, _views_like, _flatten_copy, _flatten_copy_views, _stack, _abs, _full, _not_equal,
  _matmul, _total, _row_max, _sqrt, _item, _leading_columns, _reshape, _scale, _pow, _sign, _isfinite,
  _multiply, _add_, _dot, _cast, _where, _expand, _softmax, _lerp, _clip, _minimum, _maximum, _all_finite,
  _assign_, _increment_) = (_CHOSEN[n] for n in _NAMES)
@@ -459,11 +440,6 @@ def flatten_copy_views(tensors: Sequence[paddle.Tensor]) -> list:
     return _flatten_copy_views(tensors)
 
 
-def concat(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
-    """``paddle.concat(tensors)`` of vectors (one longer vector)."""
-    return _concat(tensors)
-
-
 def stack(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """``paddle.stack(tensors)`` along a new first axis."""
     return _stack(tensors)
@@ -477,20 +453,13 @@ _CONSTANTS: dict = {}
 
 
 def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
-    """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor; a tuple: that shape) in ``like``'s dtype
-    and place. Never written to."""
+    """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor) in ``like``'s dtype and place. Never
+    written to."""
     key = (n, value, like.dtype, like.place)  # places compare and hash by device
     v = _CONSTANTS.get(key)
     if v is None:
-        shape = [] if n is None else list(n) if isinstance(n, tuple) else [n]
-        v = _CONSTANTS[key] = _full(shape, value, like.dtype, like.place)
+        v = _CONSTANTS[key] = _full([] if n is None else [n], value, like.dtype, like.place)
     return v
-
-
-def zeros_views(tensors: Sequence[paddle.Tensor]) -> list:
-    """New zero tensors shaped like each of ``tensors`` (one dtype), views into one zeroed buffer (one
-    operation)."""
-    return _zeros_views(tensors)
 
 
 def fresh_zero(like: paddle.Tensor) -> paddle.Tensor:

@@ -108,7 +108,8 @@ class ReLoBRaLo(Balancer):
         * A call with a non-finite loss skips the update: weights, :math:`L(0)` and :math:`L(t-1)` are kept
           (the next update draws its own step's :math:`\rho`, as without the skipped call).
         * Cost: the draw is made on the host, and on a step with :math:`\rho = 1` (the usual case) the
-          look-back softmax is not computed: an update is about twenty small device operations.
+          look-back softmax is not computed; once the host has read that every :math:`L_j(0)` is taken (one
+          read, at the first update) an update is ten small device operations beyond the weighted sum.
         * Data-parallel: the losses are averaged over the ranks first, so every rank has the same weights.
     """
 

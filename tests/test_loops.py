@@ -68,9 +68,12 @@ def net_params(model):
 
 def reference_grads(model, weights, shift=0.0):
     """Autograd of sum_i w_i L_i on a fresh graph, the weights as constants."""
+    return reference_grads_of(model, weights, net_params(model), shift)
+
+
+def reference_grads_of(model, weights, params, shift=0.0):
     losses = losses_of(model, shift)
     total = sum(float(weights[n]) * v for n, v in losses.items())
-    params = net_params(model)
     return [g.numpy() for g in paddle.grad(total, params)]
 
 
@@ -186,6 +189,89 @@ def test_paddle_grad_of_gradnorm_weights_alone():
 
 
 @pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_parameter_frozen_after_the_balancer_was_built(kind):
+    """Fine-tuning: a layer frozen (stop_gradient) after the balancer took the model's parameters gets no
+    gradient; the others get autograd's."""
+    model, bal, opt, step = setup(kind)
+    params = net_params(model)
+    params[0].stop_gradient = True
+    params[0].clear_gradient(False)
+    total = bal(losses_of(model), step)
+    total.backward()
+    assert params[0].grad is None
+    ref = reference_grads_of(model, gradnorm_weights(bal, model), params[1:])
+    close(grads(params[1:]), ref)
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_validation_call_under_no_grad_reads_the_weights(kind):
+    """A validation loss computed under ``paddle.no_grad()`` (on other points, an update step or not): the
+    total is sum_i w_i L_i with the current weights, nothing is updated, and the training call of that step
+    still updates."""
+    model, bal, opt, step = setup(kind)
+    before, updates = bal.weights, int(bal.num_updates.numpy()[0])  # GradNorm: renormalised, as the call uses them
+    # the state but the call counter (GradNorm's weights are renormalised after the optimizer step, as due)
+    keep = [k for k in bal.state_dict() if k not in ("num_calls", "loss_weights")]
+    state = {k: bal.state_dict()[k].numpy().copy() for k in keep}
+    with paddle.no_grad():
+        losses = losses_of_no_grad(model, shift=0.3)
+        total = bal(losses, step)
+    expected = sum(float(before[n]) * float(v) for n, v in losses.items())
+    if kind == "uncertainty":  # sum_j L_j / (2 sigma_j^2) + log sigma_j, s_j = log sigma_j^2
+        expected += 0.5 * float(bal.log_vars.sum())
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    for k in keep:
+        np.testing.assert_array_equal(bal.state_dict()[k].numpy(), state[k])
+    np.testing.assert_allclose(list(bal.weights.values()), list(before.values()), rtol=1e-6)
+    bal(losses_of(model), step).backward()
+    if kind != "sum" and kind != "uncertainty":
+        assert int(bal.num_updates.numpy()[0]) == updates + 1
+
+
+def losses_of_no_grad(net, shift=0.0):
+    """The losses of ``losses_of`` without a graph (``paddle.grad`` needs one: the derivative by differences)."""
+    x, h = X_R + shift, 1e-3
+    d = (net(paddle.to_tensor(x + h)) - net(paddle.to_tensor(x - h))) / (2 * h)
+    res = ((d - paddle.cos(3 * paddle.to_tensor(x))) ** 2).mean()
+    bc = ((net(paddle.to_tensor(X_B)) - 0.5) ** 2).mean()
+    return {"res": res, "bc": 10.0 * bc}
+
+
+ASSEMBLE_FALSE = {
+    "lra_siam": lambda net: (net, LRAnnealing(net, update_freq=1, assemble=False)),
+    "ntk_grad_norm": lambda net: (net, NTKWeighting(net, mode="grad_norm", update_freq=1, assemble=False)),
+    "grad_norm_ratio": lambda net: (net, GradNormRatio(net, update_freq=1, assemble=False)),
+    "gradnorm": lambda net: (lambda w: (w, w.aggregator))(GradNorm(net, n_loss=2, alpha=1.0, assemble=False)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(set(BALANCERS) - {"lra_siam", "ntk_grad_norm", "grad_norm_ratio", "gradnorm",
+                                                             "lra_arxiv", "lra_code"}) + sorted(ASSEMBLE_FALSE))
+def test_second_derivative_through_the_total(kind):
+    """A gradient penalty: ``paddle.grad(total, params, create_graph=True)`` and a backward of a function of it
+    equal plain autograd on ``sum_i w_i L_i`` (methods that update from the losses alone, and the
+    gradient-reading ones with ``assemble=False``; ``assemble=True`` carries the update step's gradient as a
+    constant, README)."""
+    model, bal = (ASSEMBLE_FALSE.get(kind) or BALANCERS[kind])(make_net())
+    params = net_params(model)
+    for step in range(2):
+        for p in model.parameters():
+            p.clear_gradient(False)
+        total = bal(losses_of(model), step)
+        gs = paddle.grad(total, params, create_graph=True)
+        sum((g * g).sum() for g in gs).backward()
+        got = grads(params)
+        w = gradnorm_weights(bal, model)
+        losses = losses_of(model)
+        ref_total = sum(float(w[n]) * v for n, v in losses.items())
+        if kind == "uncertainty":
+            ref_total = ref_total + 0.5 * float(bal.log_vars.sum())
+        ref_gs = paddle.grad(ref_total, params, create_graph=True)
+        ref = [g.numpy() for g in paddle.grad(sum((g * g).sum() for g in ref_gs), params)]
+        close(got, ref)
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
 @pytest.mark.parametrize("scale", [0.5, 1024.0])
 def test_factor_on_the_total(kind, scale):
     """A GradScaler multiplies the total by its scale, the Solver by 1/n: the factor reaches every gradient."""
@@ -201,10 +287,10 @@ def test_optimizer_minimize(kind):
     applies the gradients backward left), three steps in a row: SGD moves every parameter by exactly ``-lr``
     times autograd's gradient of ``sum_i w_i L_i`` (nothing the balancer keeps between calls is written to by
     the optimizer's handling of ``.grad``)."""
-    model, bal, _, step = setup(kind)
+    model, bal, _, first = setup(kind)
     params = net_params(model)
     sgd = paddle.optimizer.SGD(0.1, parameters=params)
-    for step in range(step, step + 3):
+    for step in range(first, first + 3):
         sgd.clear_grad()
         before = [p.numpy().copy() for p in params]
         total = bal(losses_of(model), step)
