@@ -261,11 +261,7 @@ def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, g: paddle.Te
     g = g.detach()
     if world_size() > 1:
         return _AssembledTotalLeaves.apply(value, g, *leaves)
-    if len(leaves) == 1 and len(leaves[0].shape) == 1 and leaves[0].dtype == g.dtype:
-        flat = leaves[0]  # a vector already (GradNorm's weights): the leaf itself
-    else:
-        flat = ops.flatten_cat([ops.cast(p, g.dtype) for p in leaves])
-    return _AssembledTotal.apply(value, g, flat)
+    return _AssembledTotal.apply(value, g, ops.flatten_cat([ops.cast(p, g.dtype) for p in leaves]))
 
 
 def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:

@@ -141,22 +141,20 @@ class ReLoBRaLo(Balancer):
 
     def _update(self, values):
         b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
-        L = ops.cast(self._losses_now, b["lambdas"].dtype)
+        L, prev = ops.cast(self._losses_now, b["lambdas"].dtype), b["prev_losses"]
         rho = lookback_draw(self.seed, self._host["step"], self.expected_rho)
-        prev = b["prev_losses"]
-        if self._host.get("initialised"):  # L(0) taken (known on the host): the update alone
-            w = relobralo_weights(L, b["init_losses"], prev, b["lambdas"], rho, self.alpha, self.tau, self.eps)
-            b["prev_losses"] = ops.where(self._set_weights(w), L, prev)  # a skipped update keeps L(t-1)
-            return
-        # until every L_j(0) is taken: the first update of a term takes this call's losses and gives weight 1
-        ready = b["initialised"]
-        init = ops.where(ready, b["init_losses"], L)
+        known = self._host.get("initialised")  # every L(0) taken, as read on the host: no flag arithmetic
+        ready = None if known else b["initialised"]
+        init = b["init_losses"] if known else ops.where(ready, b["init_losses"], L)  # a first update takes L(0)
         w = relobralo_weights(L, init, prev, b["lambdas"], rho, self.alpha, self.tau, self.eps)
-        ok = self._set_weights(ops.where(ready, w, ops.filled(L.shape[0], 1.0, L)))  # False: skipped, all kept
-        b["init_losses"] = ops.where(ok, init, b["init_losses"])
+        if not known:  # a term's first update gives weight 1
+            w = ops.where(ready, w, ops.filled(L.shape[0], 1.0, L))
+        ok = self._set_weights(w)  # False: skipped, all kept
         b["prev_losses"] = ops.where(ok, L, prev)
-        b["initialised"] = ready | ok
-        self._learn_initialised(b["initialised"])
+        if not known:
+            b["init_losses"] = ops.where(ok, init, b["init_losses"])
+            b["initialised"] = ready | ok
+            self._learn_initialised(b["initialised"])
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, alpha={self.alpha}, expected_rho={self.expected_rho}, tau={self.tau}, "

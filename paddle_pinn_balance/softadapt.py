@@ -92,15 +92,14 @@ class SoftAdapt(Balancer):
     def _update(self, values):
         b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
         L, prev = ops.cast(self._losses_now, b["lambdas"].dtype), b["prev_losses"]
-        if self._host.get("initialised"):  # L(t-1) taken (known on the host): the update alone
-            w = softadapt_weights(L, prev, self.beta, self.variant, self.eps)
-            b["prev_losses"] = ops.where(self._set_weights(w), L, prev)  # a skipped update keeps L(t-1)
-            return
-        ready = b["initialised"]  # the first update compares the losses with themselves (equal rates)
-        ok = self._set_weights(softadapt_weights(L, ops.where(ready, prev, L), self.beta, self.variant, self.eps))
+        known = self._host.get("initialised")  # every L(t-1) taken, as read on the host: no flag arithmetic
+        ready = None if known else b["initialised"]
+        ref = prev if known else ops.where(ready, prev, L)  # a first update compares L with itself (equal rates)
+        ok = self._set_weights(softadapt_weights(L, ref, self.beta, self.variant, self.eps))  # False: skipped
         b["prev_losses"] = ops.where(ok, L, prev)
-        b["initialised"] = ready | ok
-        self._learn_initialised(b["initialised"])
+        if not known:
+            b["initialised"] = ready | ok
+            self._learn_initialised(b["initialised"])
 
     def extra_repr(self):
         return f"{super().extra_repr()}, beta={self.beta}, variant={self.variant!r}"
