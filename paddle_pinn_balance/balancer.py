@@ -306,11 +306,15 @@ class Balancer(paddle.nn.Layer):
                 total = total + ops.cast(s - s.detach(), total.dtype)
             return total
         # every rank delivers the same (rank-averaged) gradient; DataParallel's reducer averages it again
-        total = assembled_total(losses, w, self._direction(G, w), params)
-        if extra is not None:  # its own node (DataParallel's reducer counts the weights' gradient once only so)
-            param, grad = extra
-            total = total + assembled_total(ops.filled(1, 0.0, losses), ops.filled(1, 0.0, losses), grad, [param])
-        return total
+        g = self._direction(G, w)
+        if extra is None:
+            return assembled_total(losses, w, g, params)
+        param, grad = extra
+        if world_size() == 1:  # one node: the extra leaf's gradient follows the net's
+            return assembled_total(losses, w, ops.flatten_cat([g, ops.cast(grad, g.dtype)]), list(params) + [param])
+        # data-parallel: its own node (DataParallel's reducer counts the weights' gradient once only so)
+        zero = ops.filled(1, 0.0, losses)
+        return assembled_total(losses, w, g, params) + assembled_total(zero, zero, grad, [param])
 
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
@@ -339,7 +343,7 @@ class Balancer(paddle.nn.Layer):
         if not self.assemble:
             G = term_gradients(values, self._params, retain_graph=True)
         elif world_size() == 1:
-            G = term_gradients_by_backward(values, self._params)
+            G = term_gradients_by_backward(values, self._params, self.__dict__.setdefault("_grad_scratch", {}))
         else:
             G = term_gradients(values, self._params, retain_graph=False)
         return self._mean_across_ranks(G)

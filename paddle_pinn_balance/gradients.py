@@ -9,7 +9,7 @@ authors' code of the learning-rate annealing paper does.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -144,52 +144,82 @@ def term_gradients(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tens
     return ops.stack(rows[::-1])
 
 
-def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor]) -> paddle.Tensor:
+def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor],
+                               scratch: Optional[dict] = None) -> paddle.Tensor:
     """Per-term gradients as :func:`term_gradients`, from ``backward()`` into ``.grad`` instead of
     ``paddle.grad``: in PaddlePaddle a backward frees the graph's saved tensors as it goes and costs less
     than a partial ``paddle.grad``, so the step's peak memory and time stay those of a plain backward.
 
     ``.grad`` is left as it was found: what it held before (gradient accumulation, zeros after
-    ``clear_grad()``) is copied out in one operation, each term's gradient is read alone, and the copy is
-    written back; a parameter that had no gradient has none again. The graph is freed (the first term,
-    usually the residual with the largest graph, goes last and frees as it goes). Single process only:
-    under data parallelism each backward would trigger the gradient all-reduce.
+    ``clear_grad()``) is set aside, each term's gradient is read alone, and what was set aside is given back;
+    a parameter that had no gradient has none again. The graph is freed (the first term, usually the residual
+    with the largest graph, goes last and frees as it goes). Single process only: under data parallelism each
+    backward would trigger the gradient all-reduce.
+
+    Setting aside moves storage, not values (:func:`~paddle_pinn_balance.ops.move_buffer`): tensors kept in
+    ``scratch`` (a dict the caller keeps between calls, one per parameter list) take over the storage of
+    ``.grad`` before each backward and give it back after the last, so the one copy is of the ``K`` rows into
+    ``G`` at the end. They hold no memory between calls.
     """
+    k = len(values)
+    one_dtype = len({p.dtype for p in params}) == 1
+    hold = _holders({} if scratch is None else scratch, params, k if one_dtype else 1)  # [0]: what .grad held
     had = [p.grad is not None for p in params]
-    prior = None
     if any(had):
-        held = [p.grad if h else paddle.zeros_like(p) for p, h in zip(params, had)]
-        if len({p.dtype for p in params}) == 1:
-            prior = ops.flatten_copy_views(held)
-        else:  # several dtypes: one copy each (a flattening copy is of one dtype)
-            prior = [None] + [g.detach().clone() for g in held]
+        for p, h, t in zip(params, had, hold[0]):
+            if h:
+                ops.move_buffer(p.grad, t)
         _clear(params)
-    rows = []  # terms K-1 .. 1, each copied out flat
-    for i in reversed(range(len(values))):
+    try:
+        G = _stacked_by_backward(values, params, hold, one_dtype)
+    finally:  # also when a backward raises: .grad is given back what it held
+        for p, h, t in zip(params, had, hold[0]):
+            if not h:
+                p.clear_gradient(False)
+            elif p.grad is None:  # term 0 left no gradient here: the setter copies
+                p.grad = t
+            else:
+                ops.move_buffer(t, p.grad)
+        for row in hold:
+            for t in row:
+                ops.release(t)
+    G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
+    return G
+
+
+def _stacked_by_backward(values, params, hold, one_dtype) -> paddle.Tensor:
+    """``G`` of :func:`term_gradients_by_backward`, from a ``.grad`` that holds nothing; leaves term 0's gradient
+    in ``.grad``."""
+    k = len(values)
+    kept = []  # terms K-1 .. 1: their gradients, held by `hold[i]` (one dtype) or copied out flat
+    for i in reversed(range(k)):
         v = values[i]
         if v.stop_gradient:
             grads = [paddle.zeros_like(p) for p in params]
         else:
             v.backward(retain_graph=i > 0)
             grads = [paddle.zeros_like(p) if p.grad is None else p.grad for p in params]
-        grads = _one_dtype(grads)
         if i > 0:
-            rows.append(ops.flatten_copy(grads))
+            if one_dtype:
+                for g, t in zip(grads, hold[i]):
+                    ops.move_buffer(g, t)
+                kept.extend(hold[i][::-1])
+            else:  # several dtypes: this term's row copied out in the widest
+                kept.append(ops.flatten_copy(_one_dtype(grads)))
             _clear(params)
     # term 0 last: its gradients and the rows above in one copy, which is the stacked matrix
-    G = ops.reshape(ops.flatten_copy(grads + rows[::-1]), [len(values), -1])
-    if prior is None:
-        _clear(params)
-    else:  # put back what .grad held (in place where term 0 left a gradient, else through the setter's copy)
-        for p, h, v in zip(params, had, prior[1:]):
-            if not h:
-                p.clear_gradient(False)
-            elif p.grad is None:
-                p.grad = v
-            else:
-                ops.assign_(v, p.grad)
-    G.stop_gradient = True  # `.grad` tensors are not marked constant: nothing downstream may record a graph
-    return G
+    return ops.reshape(ops.flatten_copy((grads if one_dtype else _one_dtype(grads)) + kept[::-1]), [k, -1])
+
+
+def _holders(scratch: dict, params: Sequence[paddle.Tensor], rows: int) -> list:
+    """``rows`` lists of empty tensors shaped like ``params`` (created once, kept in ``scratch``)."""
+    hold = scratch.setdefault("holders", [])
+    if hold and (scratch.get("params") is not params or hold[0][0].dtype != params[0].dtype):
+        hold.clear()  # another parameter list (or the net cast to another dtype) than the last call's
+    scratch["params"] = params
+    while len(hold) < rows:
+        hold.append([paddle.empty(p.shape, p.dtype) for p in params])
+    return hold
 
 
 def _clear(params: Sequence[paddle.Tensor]) -> None:

@@ -72,11 +72,6 @@ def _public_flatten_copy(tensors):
     return paddle.concat([paddle.reshape(t.detach(), [-1]) for t in tensors])
 
 
-def _public_flatten_copy_views(tensors):
-    flat = _public_flatten_copy(tensors)
-    return [flat] + _split_views(flat, tensors)
-
-
 def _public_stack(tensors):
     return paddle.stack(list(tensors), 0)
 
@@ -195,6 +190,14 @@ def _public_increment_(x):
     paddle.increment(x, 1.0)
 
 
+def _public_move_buffer(src, dst):
+    paddle.assign(src, output=dst)
+
+
+def _public_release(x):
+    return None
+
+
 # ---------------------------------------------------------------------------- private forms and probes
 
 _XS = lambda: [_t(1.0, 2.0, 3.0, 4.0).reshape([2, 2]), _t(5.0, 6.0)]  # noqa: E731
@@ -226,12 +229,6 @@ def _c_views_like(tensors):
 @_pair(_public_flatten_copy, lambda f: f(_XS()))
 def _c_flatten_copy(tensors):
     return _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])[1]
-
-
-@_pair(_public_flatten_copy_views, lambda f: f(_XS()))
-def _c_flatten_copy_views(tensors):
-    views, flat = _C.coalesce_tensor(list(tensors), tensors[0].dtype, True, False, False, 0.0, False, 0, -1, [], [])
-    return [flat] + list(views)
 
 
 @_pair(_public_stack, lambda f: f([_V(), _W()]))
@@ -382,6 +379,16 @@ def _c_increment_(x):
     _C.increment_(x, 1.0)
 
 
+@_pair(_public_move_buffer, lambda f: (lambda s, d: (f(s, d), d)[1])(_W(), paddle.empty([4])))
+def _c_move_buffer(src, dst):
+    src._share_buffer_to(dst)  # dst's storage becomes src's (dst keeps its shape): no copy
+
+
+@_pair(_public_release, lambda f: f(_W()))
+def _c_release(x):
+    x._clear_data()  # drops the storage, keeps shape and dtype
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
@@ -404,14 +411,14 @@ def _works(name: str) -> bool:
 
 _CHOSEN = {name: PUBLIC[name] if FORCE_PUBLIC or not _works(name) else PRIVATE[name] for name in PRIVATE}
 FALLBACKS = sorted(name for name, f in _CHOSEN.items() if f is PUBLIC[name])
-_NAMES = ("flatten_cat", "views_like", "flatten_copy", "flatten_copy_views", "stack", "abs",
+_NAMES = ("flatten_cat", "views_like", "flatten_copy", "stack", "abs",
           "full", "not_equal", "matmul", "total", "row_max", "sqrt", "item", "leading_columns", "reshape", "scale",
           "pow", "sign", "isfinite", "multiply", "add_", "dot", "cast", "where", "expand", "softmax", "lerp", "clip",
-          "minimum", "maximum", "all_finite", "assign_", "increment_")
-(_flatten_cat, _views_like, _flatten_copy, _flatten_copy_views, _stack, _abs, _full, _not_equal,
+          "minimum", "maximum", "all_finite", "assign_", "increment_", "move_buffer", "release")
+(_flatten_cat, _views_like, _flatten_copy, _stack, _abs, _full, _not_equal,
  _matmul, _total, _row_max, _sqrt, _item, _leading_columns, _reshape, _scale, _pow, _sign, _isfinite,
  _multiply, _add_, _dot, _cast, _where, _expand, _softmax, _lerp, _clip, _minimum, _maximum, _all_finite,
- _assign_, _increment_) = (_CHOSEN[n] for n in _NAMES)
+ _assign_, _increment_, _move_buffer, _release) = (_CHOSEN[n] for n in _NAMES)
 
 
 # ---------------------------------------------------------------------------- the operations
@@ -432,12 +439,6 @@ def views_like(tensors: Sequence[paddle.Tensor]) -> list:
 def flatten_copy(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
     """:func:`flatten_cat` as one copying operation, for tensors of one dtype that need no gradient."""
     return _flatten_copy(tensors)
-
-
-def flatten_copy_views(tensors: Sequence[paddle.Tensor]) -> list:
-    """``[flat, view_1, ...]``: :func:`flatten_copy` of the tensors and views into that copy shaped like each
-    tensor (one copying operation)."""
-    return _flatten_copy_views(tensors)
 
 
 def stack(tensors: Sequence[paddle.Tensor]) -> paddle.Tensor:
@@ -603,3 +604,17 @@ def assign_(src: paddle.Tensor, dst: paddle.Tensor) -> None:
 def increment_(x: paddle.Tensor) -> None:
     """``x += 1`` in place, for a one-element counter."""
     _increment_(x)
+
+
+def move_buffer(src: paddle.Tensor, dst: paddle.Tensor) -> None:
+    """``dst`` takes ``src``'s values, ``dst`` of ``src``'s shape and dtype. The private form shares ``src``'s
+    storage with ``dst`` (a pointer, no copy), so ``src`` must not be written afterwards: it moves a buffer out of
+    a ``.grad`` about to be cleared, or into one (``p.grad`` as the target updates the gradient itself). The
+    public form copies (``paddle.assign``)."""
+    _move_buffer(src, dst)
+
+
+def release(x: paddle.Tensor) -> None:
+    """Drop ``x``'s storage (its shape and dtype stay), so a holder of :func:`move_buffer` keeps no memory
+    alive; a no-op in the public form."""
+    _release(x)

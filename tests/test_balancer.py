@@ -308,6 +308,28 @@ def test_gradients_already_accumulated_are_kept(kind, scale):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("kind", ["lra_siam", "gradnorm", "ntk_grad_norm"])
+def test_a_failing_term_backward_gives_grad_back(kind):
+    """A per-term backward that raises (a loss whose graph was freed) leaves `.grad` as it was found, and the
+    next call works."""
+    net = make_net()
+    model, bal = BUILDERS[kind](net)
+    losses = losses_of(model, 0)
+    losses["bc"].backward()  # frees the graph of "bc", the term differentiated first; .grad holds its gradient
+    before = [p.grad.numpy().copy() for p in net.parameters()]
+    with pytest.raises(Exception, match="retain_graph"):
+        bal(losses, 0)
+    for p, b in zip(net.parameters(), before):
+        np.testing.assert_array_equal(p.grad.numpy(), b)
+    for p in net.parameters():
+        p.clear_gradient(False)
+    bal(losses_of(model, 2), 2).backward()
+    w = bal.weights
+    ref = paddle.grad(sum(w[n] * v for n, v in losses_of(model, 2).items()), net.parameters())
+    for p, r in zip(net.parameters(), ref):
+        np.testing.assert_allclose(p.grad.numpy(), r.numpy(), rtol=1e-5, atol=1e-6 * np.abs(r.numpy()).max())
+
+
 def test_model_cast_to_float64_after_an_update_gets_float64_gradients():
     """The buffer the gradient-writing hook keeps follows the model's dtype (and device)."""
     grads = []

@@ -146,20 +146,33 @@ def test_the_form_is_chosen_once_by_probe_and_switch(monkeypatch):
     assert not ops._works("lerp")
 
 
-def test_views_like_and_flatten_copy_views():
+def test_views_like():
     xs = [t([[1.0, 2.0], [3.0, 4.0]]), t([5.0, 6.0, 7.0])]
     flat, a, b = ops.views_like(xs)
     assert list(flat.shape) == [7] and list(a.shape) == [2, 2] and list(b.shape) == [3] and flat.dtype == xs[0].dtype
     ops.assign_(xs[0], a)
     ops.assign_(xs[1], b)
     same(flat, paddle.concat([x.reshape([-1]) for x in xs]))  # writes into the views land in the vector
-    flat, a, b = ops.flatten_copy_views(xs)
-    same(flat, paddle.concat([x.reshape([-1]) for x in xs]))
-    same(a, xs[0])
-    same(b, xs[1])
-    ops.assign_(t([[0.0, 0.0], [0.0, 0.0]]), a)
-    np.testing.assert_array_equal(flat.numpy()[:4], 0.0)  # a view into the copy ...
-    np.testing.assert_array_equal(xs[0].numpy(), [[1.0, 2.0], [3.0, 4.0]])  # ... not into the tensor
+
+
+def test_move_buffer_and_release_set_a_gradient_aside_and_give_it_back():
+    src, dst = t([[1.0, 2.0], [3.0, 4.0]]), paddle.empty([2, 2], DTYPE)
+    ops.move_buffer(src, dst)
+    same(dst, src)
+    ops.release(dst)
+    assert list(dst.shape) == [2, 2] and dst.dtype == src.dtype
+    p = paddle.create_parameter([3], DTYPE)
+    (p * t([1.0, 2.0, 3.0])).sum().backward()
+    keep = paddle.empty([3], DTYPE)
+    ops.move_buffer(p.grad, keep)
+    p.clear_gradient(False)  # .grad's storage is dropped; `keep` still holds the values
+    (p * 10.0).sum().backward()
+    np.testing.assert_array_equal(p.grad.numpy(), [10.0, 10.0, 10.0])
+    ops.move_buffer(keep, p.grad)
+    ops.release(keep)
+    np.testing.assert_array_equal(p.grad.numpy(), [1.0, 2.0, 3.0])
+    (p * 1.0).sum().backward()  # a later backward accumulates onto what was given back
+    np.testing.assert_array_equal(p.grad.numpy(), [2.0, 3.0, 4.0])
 
 
 def test_stack_softmax_filled_multiply_add_():
