@@ -163,21 +163,21 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
     """
     k = len(values)
     one_dtype = len({p.dtype for p in params}) == 1
-    hold = _holders({} if scratch is None else scratch, params, k if one_dtype else 1)  # [0]: what .grad held
+    hold = _holders({} if scratch is None else scratch, params, k + 1 if one_dtype else 1)  # [-1]: what .grad held
     had = [p.grad is not None for p in params]
     if any(had):
-        for p, h, t in zip(params, had, hold[0]):
+        for p, h, t in zip(params, had, hold[-1]):
             if h:
                 ops.move_buffer(p.grad, t)
         _clear(params)
     try:
-        G = _stacked_by_backward(values, params, hold, one_dtype)
+        G = _stacked_by_backward(values, params, hold if one_dtype else None)
     finally:  # also when a backward raises: .grad is given back what it held
-        for p, h, t in zip(params, had, hold[0]):
+        for p, h, t in zip(params, had, hold[-1]):
             if not h:
                 p.clear_gradient(False)
             elif p.grad is None:  # term 0 left no gradient here: the setter copies
-                p.grad = t
+                p.grad = ops.reshape(t, p.shape)
             else:
                 ops.move_buffer(t, p.grad)
         for row in hold:
@@ -187,11 +187,12 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
     return G
 
 
-def _stacked_by_backward(values, params, hold, one_dtype) -> paddle.Tensor:
+def _stacked_by_backward(values, params, hold) -> paddle.Tensor:
     """``G`` of :func:`term_gradients_by_backward`, from a ``.grad`` that holds nothing; leaves term 0's gradient
-    in ``.grad``."""
+    in ``.grad``. ``hold[i]``: flat tensors that take over term ``i``'s gradient storage (parameters of one
+    dtype); ``None``: each row is copied out in the widest dtype."""
     k = len(values)
-    kept = []  # terms K-1 .. 1: their gradients, held by `hold[i]` (one dtype) or copied out flat
+    rows = []  # parameters of several dtypes: terms K-1 .. 1, each copied out flat
     for i in reversed(range(k)):
         v = values[i]
         if v.stop_gradient:
@@ -199,26 +200,27 @@ def _stacked_by_backward(values, params, hold, one_dtype) -> paddle.Tensor:
         else:
             v.backward(retain_graph=i > 0)
             grads = [paddle.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if hold is not None:
+            for g, t in zip(grads, hold[i]):
+                ops.move_buffer(g, t)
+        elif i > 0:
+            rows.append(ops.flatten_copy(_one_dtype(grads)))
         if i > 0:
-            if one_dtype:
-                for g, t in zip(grads, hold[i]):
-                    ops.move_buffer(g, t)
-                kept.extend(hold[i][::-1])
-            else:  # several dtypes: this term's row copied out in the widest
-                kept.append(ops.flatten_copy(_one_dtype(grads)))
             _clear(params)
-    # term 0 last: its gradients and the rows above in one copy, which is the stacked matrix
-    return ops.reshape(ops.flatten_copy((grads if one_dtype else _one_dtype(grads)) + kept[::-1]), [k, -1])
+    if hold is not None:  # the K rows, flat, in one copy: the stacked matrix
+        return ops.reshape(ops.flatten_cat([t for row in hold[:k] for t in row]), [k, -1])
+    return ops.reshape(ops.flatten_copy(_one_dtype(grads) + rows[::-1]), [k, -1])
 
 
 def _holders(scratch: dict, params: Sequence[paddle.Tensor], rows: int) -> list:
-    """``rows`` lists of empty tensors shaped like ``params`` (created once, kept in ``scratch``)."""
+    """``rows`` lists of empty flat tensors, one per parameter, of its size and dtype (created once, kept in
+    ``scratch``)."""
     hold = scratch.setdefault("holders", [])
     if hold and (scratch.get("params") is not params or hold[0][0].dtype != params[0].dtype):
         hold.clear()  # another parameter list (or the net cast to another dtype) than the last call's
     scratch["params"] = params
     while len(hold) < rows:
-        hold.append([paddle.empty(p.shape, p.dtype) for p in params])
+        hold.append([paddle.empty([int(np.prod(p.shape))], p.dtype) for p in params])
     return hold
 
 

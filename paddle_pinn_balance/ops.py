@@ -191,7 +191,7 @@ def _public_increment_(x):
 
 
 def _public_move_buffer(src, dst):
-    paddle.assign(src, output=dst)
+    paddle.assign(src if list(src.shape) == list(dst.shape) else paddle.reshape(src, dst.shape), output=dst)
 
 
 def _public_release(x):
@@ -379,7 +379,7 @@ def _c_increment_(x):
     _C.increment_(x, 1.0)
 
 
-@_pair(_public_move_buffer, lambda f: (lambda s, d: (f(s, d), d)[1])(_W(), paddle.empty([4])))
+@_pair(_public_move_buffer, lambda f: (lambda s, d: (f(s, d), d)[1])(_W().reshape([2, 2]), paddle.empty([4])))
 def _c_move_buffer(src, dst):
     src._share_buffer_to(dst)  # dst's storage becomes src's (dst keeps its shape): no copy
 
@@ -607,10 +607,10 @@ def increment_(x: paddle.Tensor) -> None:
 
 
 def move_buffer(src: paddle.Tensor, dst: paddle.Tensor) -> None:
-    """``dst`` takes ``src``'s values, ``dst`` of ``src``'s shape and dtype. The private form shares ``src``'s
-    storage with ``dst`` (a pointer, no copy), so ``src`` must not be written afterwards: it moves a buffer out of
-    a ``.grad`` about to be cleared, or into one (``p.grad`` as the target updates the gradient itself). The
-    public form copies (``paddle.assign``)."""
+    """``dst`` takes ``src``'s values in its own shape (``dst`` of ``src``'s size and dtype; a flat ``dst`` reads
+    ``src`` flattened). The private form shares ``src``'s storage with ``dst`` (a pointer, no copy), so ``src``
+    must not be written afterwards: it moves a buffer out of a ``.grad`` about to be cleared, or into one
+    (``p.grad`` as the target updates the gradient itself). The public form copies (``paddle.assign``)."""
     _move_buffer(src, dst)
 
 
