@@ -80,6 +80,13 @@ def gradnorm_weight_gradient(norms: paddle.Tensor, losses: paddle.Tensor, initia
     ``losses = [2, 3]``, ``initial_losses = [2, 1]`` (:math:`\tilde L = [1, 3]`, :math:`r = [0.5, 1.5]`),
     ``alpha = 2``, ``eps = 0``: targets ``[0.5, 4.5]``, ``L_grad = 1.5 + 2.5 = 4``, ``grad = [1, -4]``.
     """
+    diff, grad = _gradnorm_difference(norms, losses, initial_losses, weights, alpha, eps, has_initial)
+    return ops.total(ops.abs(diff)), grad
+
+
+def _gradnorm_difference(norms, losses, initial_losses, weights, alpha, eps, has_initial) -> tuple:
+    """:func:`gradnorm_weight_gradient` short of its sum: ``(G - target, grad)``; :math:`L_\\mathrm{grad}` is the
+    sum of ``|G - target|`` (taken only when read: a logging value)."""
     # every input is detached: the arithmetic below builds no graph
     w = weights.detach()
     norms = ops.cast(norms.detach(), w.dtype)
@@ -91,10 +98,8 @@ def gradnorm_weight_gradient(norms: paddle.Tensor, losses: paddle.Tensor, initia
     r = ratio / ops.scale(ops.total(ratio), 1.0 / n, eps)
     target = ops.scale(ops.total(G), 1.0 / n) * ops.pow(r, alpha)
     diff = G - target
-    l_grad = ops.total(ops.abs(diff))
     grad = ops.sign(diff) * norms
-    grad = ops.where(ops.isfinite(grad), grad, ops.filled(n, 0.0, grad))
-    return l_grad, grad
+    return diff, ops.where(ops.isfinite(grad), grad, ops.filled(n, 0.0, grad))
 
 
 class GradNormBalancer(Balancer):
@@ -187,8 +192,7 @@ class GradNormBalancer(Balancer):
         self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
         self.register_buffer("has_initial_losses", paddle.zeros([self.n_loss], dtype="bool"))
         self._renormalised_tol = 4.0 * self.n_loss ** 2 * float(np.finfo(dtype).eps)  # |sum(w) - T|: rounding only
-        # the last L_grad, for logging (not state: a checkpoint does not hold it)
-        self.register_buffer("last_grad_norm_loss", paddle.zeros([], dtype=dtype), persistable=False)
+        self._last_difference = None  # G_i - target_i of the last update: L_grad, for logging, when read
         self._host["renormalise"] = True  # the weights may have changed since the last renormalisation
         if loss_names is not None:
             self._set_names(loss_names)
@@ -289,15 +293,26 @@ class GradNormBalancer(Balancer):
         """
         if norms is None:
             norms = ops.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
-        return self._weight_gradient(self._current_losses(ops.stack([v.detach() for v in values])), norms)
+        grad = self._weight_gradient(self._current_losses(ops.stack([v.detach() for v in values])), norms)
+        return self.last_grad_norm_loss, grad
 
-    def _weight_gradient(self, current, norms) -> tuple:
-        """:func:`gradnorm_weight_gradient` with this balancer's weights and :math:`L_i(0)`; keeps L_grad."""
+    def _weight_gradient(self, current, norms) -> paddle.Tensor:
+        """The gradient of :func:`gradnorm_weight_gradient` with this balancer's weights and :math:`L_i(0)`;
+        keeps what :attr:`last_grad_norm_loss` reads."""
         has_initial = None if self._host.get("initialised") else self.has_initial_losses
-        l_grad, grad = gradnorm_weight_gradient(norms, current, self.initial_losses, self.loss_weights, self.alpha,
-                                                self.eps, has_initial)
-        self._buffers["last_grad_norm_loss"] = l_grad  # rebound, not copied (a logging value)
-        return l_grad, grad
+        diff, grad = _gradnorm_difference(norms, current, self.initial_losses, self.loss_weights, self.alpha,
+                                          self.eps, has_initial)
+        object.__setattr__(self, "_last_difference", diff)
+        return grad
+
+    @property
+    def last_grad_norm_loss(self) -> paddle.Tensor:
+        """:math:`L_\\mathrm{grad}` of the last update (0 before the first), for logging (not state: a checkpoint does
+        not hold it)."""
+        diff = self.__dict__.get("_last_difference")
+        if diff is None:
+            return paddle.zeros([], dtype=self.loss_weights.dtype)
+        return ops.total(ops.abs(diff))
 
     needs_gradients = True
 
@@ -308,7 +323,7 @@ class GradNormBalancer(Balancer):
             self._capture_initial(current)
         norms = ops.row_norm(ops.leading_columns(G, self._n_shared))
         self._record_bad_terms(norms)
-        _, grad = self._weight_gradient(current, norms)
+        grad = self._weight_gradient(current, norms)
         if not known:
             self._learn_initialised(self.has_initial_losses)
         return self.loss_weights, grad  # the total's backward gives the weights dL_grad/dw, nothing into the net
@@ -326,7 +341,8 @@ class GradNormBalancer(Balancer):
         current = self._current_losses(ops.stack([v.detach() for v in values]))
         self._capture_initial(current)
         norms = ops.stack([paddle.linalg.norm(flat_grad(v, self._shared)) for v in values])
-        l_grad, grad = self._weight_gradient(current, norms)
+        grad = self._weight_gradient(current, norms)
+        l_grad = self.last_grad_norm_loss
         if self.loss_weights.grad is None:
             self.loss_weights.grad = grad.astype(self.loss_weights.dtype)
         else:
