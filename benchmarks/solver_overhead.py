@@ -27,6 +27,12 @@ multiple of every update_freq, so each window holds update steps (``n_upd``); wi
     python benchmarks/solver_overhead.py                        # both setups, update_freq 1, 10, 100
     python benchmarks/solver_overhead.py --terms 5 --freqs 10 --rounds 9 --iters 40 --json out.json
 
+Two versions of this package side by side, in one process (``--baseline``: a checkout of the older one; its
+methods appear as ``lra@base`` etc., interleaved with the rest):
+
+    git worktree add /tmp/base a6ea480
+    python benchmarks/solver_overhead.py --terms 2 5 --freqs 1 --rounds 15 --baseline /tmp/base
+
 One CPU thread by default (``--threads``); on a GPU machine it runs on the GPU.
 """
 
@@ -96,8 +102,35 @@ def make_constraints(terms):
     return cons
 
 
+BASE = "@base"  # suffix of the methods built with the --baseline package
+_BASELINE = {}  # "adapter": the --baseline package's paddle_pinn_balance.ppsci
+
+
+def load_baseline(root):
+    """The ``paddle_pinn_balance.ppsci`` adapter of the package under ``root`` (another checkout), imported
+    under another name so that both versions live in one process."""
+    import importlib
+    import importlib.util
+
+    init = os.path.join(root, "paddle_pinn_balance", "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(f"--baseline: {init} does not exist (expected a checkout of this repository)")
+    spec = importlib.util.spec_from_file_location("_baseline_ppb", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_baseline_ppb"] = module
+    spec.loader.exec_module(module)
+    _BASELINE["adapter"] = importlib.import_module("_baseline_ppb.ppsci")
+
+
 def build(method, freq, terms, model, cons):
-    """(model for the solver, loss aggregator) for a method name."""
+    """(model for the solver, loss aggregator) for a method name (``name@base``: built with the baseline)."""
+    if method.endswith(BASE):
+        return _build(method[:-len(BASE)], freq, terms, model, cons, _BASELINE["adapter"])
+    return _build(method, freq, terms, model, cons, adapter)
+
+
+def _build(method, freq, terms, model, cons, adapter):
     if method == "plain":
         return model, mtl.Sum()
     if method == "lra":
@@ -162,7 +195,8 @@ class SolverRunner:
 
 def time_setup(terms, freqs, rounds, iters, warmup, out_root):
     """{(method, update_freq): summary} with the ratio to the plain solver's step."""
-    keys = [(m, f) for m in OURS + THEIRS for f in freqs]
+    ours = OURS + tuple(m + BASE for m in OURS) if _BASELINE else OURS
+    keys = [(m, f) for m in ours + THEIRS for f in freqs]
     runners = {k: SolverRunner(k[0], k[1], terms, iters, os.path.join(out_root, f"{terms}_{k[0]}_{k[1]}"))
                for k in [("plain", 1)] + keys}
     lcm = math.lcm(*freqs) if freqs else 1
@@ -206,9 +240,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per solver before the rounds")
     p.add_argument("--threads", default="1")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--baseline", help="a checkout of an older version of this repository: its methods are timed "
+                   "beside these (rows name@base)")
     args = p.parse_args(argv)
     if min(args.freqs) < 1 or args.rounds < 1 or args.iters < 1 or args.warmup < 1:
         p.error("--freqs, --rounds, --iters and --warmup must be positive")
+    if args.baseline:
+        load_baseline(os.path.abspath(args.baseline))
     ppsci.utils.logger.init_logger("ppsci", None, "ERROR")  # the solvers' construction messages
     device = paddle.device.get_device()
     print(f"device {device}, paddle {paddle.__version__}, ppsci {getattr(ppsci, '__version__', '?')}, "
@@ -221,7 +259,7 @@ def main(argv=None):
             med = time_setup(terms, args.freqs, args.rounds, args.iters, args.warmup, out_root)
             plain = med[("plain", 1)]["ms"]
             print(f"\n{terms} terms: plain (mtl.Sum) step {plain:.2f} ms")
-            print(f"  {'method':<16}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
+            print(f"  {'method':<20}{'update_freq':>12}{'ms/step':>10}{'x plain':>9}{'ppsci/ours':>12}"
                   f"{'upd ms':>9}{'other ms':>10}{'n_upd':>7}")
             for (m, f), r in med.items():
                 ppsci_ratio = ""
@@ -230,9 +268,13 @@ def main(argv=None):
                     ppsci_ratio = f"{best / r['ratio']:.2f}"
                 upd = f"{r['upd_ms']:.2f}" if r["upd_ms"] is not None and r["reg_ms"] is not None else ""
                 other = f"{r['reg_ms']:.2f}" if r["reg_ms"] is not None and r["upd_ms"] is not None else ""
-                print(f"  {m:<16}{f:>12}{r['ms']:>10.2f}{r['ratio']:>9.3f}{ppsci_ratio:>12}"
+                print(f"  {m:<20}{f:>12}{r['ms']:>10.2f}{r['ratio']:>9.3f}{ppsci_ratio:>12}"
                       f"{upd:>9}{other:>10}{r['n_upd'] if upd else '':>7}")
                 results.append(dict(terms=terms, method=m, update_freq=f, **r))
+            for (m, f), r in med.items():
+                if (m + BASE, f) in med:
+                    print(f"  {m} at update_freq {f}: {r['ratio'] / med[(m + BASE, f)]['ratio']:.3f} of the baseline's "
+                          "ratio")
     print("\nx plain: amortised ratio to the plain solver's step timed just before, (update + (freq - 1) x other) "
           "/ freq of the median ratios; ms/step: that ratio times the median plain step; upd ms / other ms: "
           "median of the steps that update the weights / of the others (n_upd update steps timed)")

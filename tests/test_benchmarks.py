@@ -306,6 +306,17 @@ def test_solver_overhead_benchmark_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_solver_overhead_times_a_baseline_checkout_beside(tmp_path):
+    """``--baseline``: another checkout's methods (here this one's own) timed in the same process, rows name@base."""
+    pytest.importorskip("ppsci")
+    out = tmp_path / "solver.json"
+    _run_benchmark("solver_overhead", "--terms", "2", "--freqs", "1", "--rounds", "1", "--iters", "2",
+                   "--warmup", "1", "--baseline", ROOT, "--json", str(out))
+    methods = {r["method"] for r in json.loads(out.read_text())["results"]}
+    assert {"lra@base", "gradnorm@base", "ntk_grad_norm@base", "lra"} <= methods
+
+
+@pytest.mark.slow
 def test_public_ops_benchmark_runs(tmp_path):
     """Private vs public ops, one tiny process per form (the numbers themselves are not asserted)."""
     out = tmp_path / "ops.json"
