@@ -330,6 +330,29 @@ def test_a_failing_term_backward_gives_grad_back(kind):
         np.testing.assert_allclose(p.grad.numpy(), r.numpy(), rtol=1e-5, atol=1e-6 * np.abs(r.numpy()).max())
 
 
+def test_a_parameter_the_first_term_does_not_reach_keeps_its_earlier_gradient():
+    """`.grad` held before the call is given back also where term 0 (differentiated last) leaves no gradient."""
+    grads = []
+    for assemble in (True, False):
+        net = make_net()
+        c = paddle.create_parameter([1], DTYPE, default_initializer=paddle.nn.initializer.Constant(0.7))
+        bal = LRAnnealing(net, ref="res", update_freq=1, assemble=assemble)
+        bal.add_parameters([c])
+        params = net.parameters() + [c]
+        for step in range(2):
+            for p in params:
+                (p * 0.5).sum().backward()  # an earlier micro-batch
+            xr, xb = batch(step)
+            bal({"res": (net(xr) ** 2).mean(), "bc": ((net(xb) - c) ** 2).mean()}, step).backward()
+            grads.append([p.grad.numpy().copy() for p in params])
+            for p in params:
+                p.clear_gradient(False)
+    for a, b in zip(grads[:2], grads[2:]):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * np.abs(y).max())
+    assert not np.allclose(grads[0][-1], 0.5)  # the prior 0.5 plus bc's gradient, not the prior alone
+
+
 def test_model_cast_to_float64_after_an_update_gets_float64_gradients():
     """The buffer the gradient-writing hook keeps follows the model's dtype (and device)."""
     grads = []
