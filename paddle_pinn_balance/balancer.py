@@ -312,7 +312,8 @@ class Balancer(paddle.nn.Layer):
         param, grad = extra
         if world_size() == 1:  # one node: the extra leaf's gradient follows the net's
             return assembled_total(losses, w, ops.flatten_cat([g, ops.cast(grad, g.dtype)]), list(params) + [param])
-        # data-parallel: its own node (DataParallel's reducer counts the weights' gradient once only so)
+        # data-parallel: its own node. In one node with the net's parameters, DataParallel's reducer reports the
+        # weights "ready before" (tests/test_distributed.py, gradnorm_outside)
         zero = ops.filled(1, 0.0, losses)
         return assembled_total(losses, w, g, params) + assembled_total(zero, zero, grad, [param])
 

@@ -161,9 +161,7 @@ def term_gradients_by_backward(values: Sequence[paddle.Tensor], params: Sequence
     ``.grad`` before each backward and give it back after the last, so the one copy is of the ``K`` rows into
     ``G`` at the end. They hold no memory between calls.
     """
-    k = len(values)
-    one_dtype = len({p.dtype for p in params}) == 1
-    hold = _holders({} if scratch is None else scratch, params, k + 1 if one_dtype else 1)  # [-1]: what .grad held
+    hold, one_dtype = _holders({} if scratch is None else scratch, params, len(values))  # [-1]: what .grad held
     had = [p.grad is not None for p in params]
     if any(had):
         for p, h, t in zip(params, had, hold[-1]):
@@ -212,16 +210,17 @@ def _stacked_by_backward(values, params, hold) -> paddle.Tensor:
     return ops.reshape(ops.flatten_copy(_one_dtype(grads) + rows[::-1]), [k, -1])
 
 
-def _holders(scratch: dict, params: Sequence[paddle.Tensor], rows: int) -> list:
-    """``rows`` lists of empty flat tensors, one per parameter, of its size and dtype (created once, kept in
-    ``scratch``)."""
-    hold = scratch.setdefault("holders", [])
-    if hold and (scratch.get("params") is not params or hold[0][0].dtype != params[0].dtype):
-        hold.clear()  # another parameter list (or the net cast to another dtype) than the last call's
-    scratch["params"] = params
-    while len(hold) < rows:
+def _holders(scratch: dict, params: Sequence[paddle.Tensor], k: int) -> tuple:
+    """``(hold, one_dtype)``: whether ``params`` share one dtype, and lists of empty flat tensors, one per parameter,
+    of its size and dtype: ``k + 1`` lists if they do (the terms' and what ``.grad`` held), else one (what ``.grad``
+    held). Created once and kept in ``scratch`` while the parameter list and its dtype stay the same."""
+    hold = scratch.get("holders")
+    if not hold or scratch["params"] is not params or hold[0][0].dtype != params[0].dtype:
+        hold = []  # first call, another parameter list, or the net cast to another dtype
+        scratch.update(params=params, holders=hold, one_dtype=len({p.dtype for p in params}) == 1)
+    while len(hold) < (k + 1 if scratch["one_dtype"] else 1):
         hold.append([paddle.empty([int(np.prod(p.shape))], p.dtype) for p in params])
-    return hold
+    return hold, scratch["one_dtype"]
 
 
 def _clear(params: Sequence[paddle.Tensor]) -> None:
