@@ -78,7 +78,8 @@ def plot_ratios(Figure, data: dict, path: str, dpi: int = 80) -> str:
     for k, (a, b) in enumerate(pairs):
         right.plot(steps, [r["cosine"][a][b] for r in recs], "o-", color=f"C{k % 10}",
                    label=f"{terms[a]} · {terms[b]}")
-    for key, color, what in (("conflict_cosine", "tab:orange", "conflict"), ("opposed_cosine", "tab:red", "opposed")):
+    for key, color, what in (("conflict_cosine", "tab:orange", "conflict"),
+                             ("opposed_cosine", "tab:red", f"{ref} opposed")):
         right.axhline(th[key], color=color, linestyle="--", label=f"{what} <= {th[key]:g}")
     right.set_ylim(-1.05, 1.05)
     right.set_ylabel("cosine between the two terms' gradients")
@@ -154,8 +155,8 @@ def markdown(data: dict) -> str:
     lines += [f"- {r}" for r in v["reasons"]]
     lines += ["", "Thresholds: a term whose gradient norm is at least "
               f"{th['imbalance_decades']:g} decade(s) from the residual's ({s['ref']}) is out of balance; "
-              f"a pair with cosine <= {th['conflict_cosine']:g} conflicts (gradient surgery helps), "
-              f"<= {th['opposed_cosine']:g} is opposed (no weighting helps). Why these values: "
+              f"a pair with cosine <= {th['conflict_cosine']:g} conflicts (gradient surgery helps); the residual "
+              f"and a term with cosine <= {th['opposed_cosine']:g} are opposed (no weighting helps). Why: "
               "`design/diagnose.md` (checked against the method x problem table).", "",
               "| term | log10 grad-norm ratio to " + s["ref"] + " | log10 NTK trace ratio |", "|---|---|---|"]
     tr = s.get("log10_trace_ratio") or {}

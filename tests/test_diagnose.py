@@ -115,6 +115,8 @@ def test_verdict_opposed_and_balanced():
     v = diagnosis_of({"res": unit(0), "ic": unit(170, 3.0), "bc": unit(90, 1e-2)}).verdict()
     assert v["kind"] == "opposed+imbalance" and not v["weighting_helps"]
     assert "terms res and ic are opposed: cosine -0.98" in v["text"] and "balancing will not help" in v["text"]
+    v = diagnosis_of({"res": unit(0), "u": unit(60), "ut": unit(-120)}).verdict()  # two data terms opposed
+    assert v["kind"] == "conflict" and "terms u and ut conflict: cosine -1.00" in v["text"]
     v = diagnosis_of({"res": unit(0), "bc": unit(90, 2.0)}).verdict()
     assert v["kind"] == "balanced" and not v["weighting_helps"]
     assert "no imbalance" in v["text"] and "balancing will not help" in v["text"]
