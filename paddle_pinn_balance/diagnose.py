@@ -189,7 +189,8 @@ def verdict(summary: dict, thresholds: dict | None = None) -> dict:
         reasons.append(f"terms {a} and {b} are opposed: cosine {c:.2f} <= {th['opposed_cosine']:g}")
     for t, r in sorted(far.items(), key=lambda kv: -abs(kv[1])):
         side = "of" if r < 0 else "times"
-        reasons.append(f"term {t}'s gradients are {_decades(r)} {side} the residual's ({ref}): "
+        whose = f"the residual's ({ref})" if ref == "res" else f"{ref}'s"
+        reasons.append(f"term {t}'s gradients are {_decades(r)} {side} {whose}: "
                        f"|log10 ratio| {abs(r):.1f} >= {th['imbalance_decades']:g}")
     if not opposed:
         for p, c in conflicting:

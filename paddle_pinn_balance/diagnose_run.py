@@ -126,5 +126,5 @@ def table_check(rows: list, steps: int) -> str:
         worst = max(ratios, key=abs) if ratios else float("nan")
         cos = [c for c in s["cosine"].values() if c is not None]
         lines.append(f"| {r['problem_name']} | {r['kind']} | {worst:+.2f} | {min(cos, default=float('nan')):.2f} | "
-                     f"{r['seconds']:.1f} | {r['text']} |")
+                     f"{r['seconds']:.1f} | {r['text'].replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
