@@ -249,6 +249,7 @@ methods:
 """
 
 
+@pytest.mark.slow  # ~3 s: the three figures
 def test_cli_writes_every_file(tmp_path, capsys):
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(BENCH)
