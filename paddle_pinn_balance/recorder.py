@@ -229,8 +229,10 @@ def attach_diagnosis(solver, steps: Iterable[int] | None = None, every: int | No
     the balancer's own (``ntk``). Returns the diagnosis: ``solver.train()``, then ``diag.report(out)``.
     """
     agg = solver.loss_aggregator
-    model = getattr(solver.model, "net", None) if hasattr(solver.model, "loss_weights") else solver.model
-    diag = Diagnosis(model or solver.model, steps=steps, every=every, ntk_points=ntk_points,
+    from .gradnorm import GradNorm
+
+    model = solver.model.net if isinstance(solver.model, GradNorm) else solver.model  # GradNorm's wrapper: its net
+    diag = Diagnosis(model, steps=steps, every=every, ntk_points=ntk_points,
                      kernels=kernels if kernels is not None else getattr(agg, "_kernels", None))
     if isinstance(agg, paddle.nn.Layer) and type(agg).__call__ is paddle.nn.Layer.__call__:
         handle = agg.register_forward_pre_hook(lambda layer, inputs: diag(

@@ -15,7 +15,8 @@ def params(solver):
     return [p.numpy().copy() for p in solver.model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["lr_annealing", pytest.param("ntk", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["lr_annealing", pytest.param("grad_norm", marks=pytest.mark.slow),
+                                  pytest.param("ntk", marks=pytest.mark.slow)])
 def test_solver_hook_records_and_leaves_training_unchanged(name, tmp_path):
     base, agg0, _ = make_solver(CONFIGS[name], tmp_path / "a", epochs=1, iters=12, log_freq=100)
     train(base)
