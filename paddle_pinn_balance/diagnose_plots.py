@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -19,9 +20,10 @@ def _colors(terms) -> dict:
     return {t: f"C{i}" for i, t in enumerate(terms)}
 
 
-def _verdict_line(data) -> str:
+def _verdict_line(data, inches: float = 11.0) -> str:
+    """The verdict, wrapped to the figure's width (about 11 characters of the title's font per inch)."""
     v = data["verdict"]
-    return f"verdict: {v['kind']}: {v['remedy']}"
+    return textwrap.fill(f"verdict: {v['kind']}: {v['remedy']}", width=max(40, int(11 * inches)))
 
 
 def plot_histograms(Figure, data: dict, path: str, dpi: int = 80) -> str:
@@ -30,7 +32,8 @@ def plot_histograms(Figure, data: dict, path: str, dpi: int = 80) -> str:
     recs = data["records"]
     rows = [recs[0]] if len(recs) == 1 else [recs[0], recs[-1]]
     layers = len(rows[0]["layers"])
-    fig = Figure(figsize=(2.7 * layers + 0.8, 2.4 * len(rows) + 0.9), layout="constrained")
+    width = 2.7 * layers + 0.8
+    fig = Figure(figsize=(width, 2.4 * len(rows) + 0.9), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(rows), layers, squeeze=False))
     colors = _colors(rows[0]["terms"])
     for r, rec in enumerate(rows):
@@ -51,7 +54,7 @@ def plot_histograms(Figure, data: dict, path: str, dpi: int = 80) -> str:
                 ax.set_ylabel(f"step {rec['step']}\nshare of entries")
     axes[0, 0].legend(fontsize=7, title="term", title_fontsize=7)
     fig.suptitle(f"{data.get('title') or 'diagnosis'}: each term's gradient per layer "
-                 f"(right = larger)\n{_verdict_line(data)}", fontsize=9)
+                 f"(right = larger)\n{_verdict_line(data, width)}", fontsize=9)
     fig.savefig(path, dpi=dpi)
     return path
 
