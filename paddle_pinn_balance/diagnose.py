@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 __all__ = ["THRESHOLDS", "cosines", "grad_norms", "histogram_edges", "kernel_spectrum", "log_histogram",
-           "log_scale_ratios", "reference_term", "summarize", "verdict"]
+           "log_scale_ratios", "lra_estimates", "reference_term", "summarize", "verdict"]
 
 #: The verdict's thresholds (see :func:`verdict` and ``design/diagnose.md`` for why these values).
 THRESHOLDS = {
@@ -77,6 +77,15 @@ def cosines(G) -> np.ndarray:
     return np.clip(c, -1.0, 1.0)
 
 
+def lra_estimates(G, ref: int) -> np.ndarray:
+    r""":math:`\hat\lambda_i = \max|g_{ref}| / \operatorname{mean}|g_i|`, the weight learning-rate annealing would
+    set before smoothing (Wang, Teng & Perdikaris, SIAM J. Sci. Comput. 2021, eq. 2.30, over all parameters at
+    once); ``inf`` for a zero gradient."""
+    A = np.abs(np.asarray(G, dtype=np.float64))
+    with np.errstate(divide="ignore"):
+        return A[ref].max() / A.mean(axis=1)
+
+
 def histogram_edges(arrays, per_decade: int = BINS_PER_DECADE) -> np.ndarray:
     """Common bin edges of :math:`\\log_{10}|g|` spanning every non-zero entry of ``arrays`` (whole decades,
     ``per_decade`` bins each); ``[-1, 0]`` with one bin when every entry is zero or non-finite."""
@@ -124,6 +133,7 @@ def summarize(records: list) -> dict:
     terms, ref = records[0]["terms"], records[0]["ref"]
     out = {"terms": list(terms), "ref": ref, "steps": [r["step"] for r in records],
            "log10_ratio": {t: _median(r["log10_ratio"][t] for r in records) for t in terms},
+           "lra_estimate": {t: _median(r.get("lra_estimate", {}).get(t) for r in records) for t in terms},
            "cosine": {}, "log10_trace_ratio": None}
     for i, a in enumerate(terms):
         for j in range(i + 1, len(terms)):

@@ -148,6 +148,10 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
 
 
+def _num(x) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
 def markdown(data: dict) -> str:
     """The short report ``diagnosis.md``: the verdict, its reasons and thresholds, the medians it read."""
     s, v = data["summary"], data["verdict"]
@@ -161,9 +165,11 @@ def markdown(data: dict) -> str:
               f"a pair with cosine <= {th['conflict_cosine']:g} conflicts (gradient surgery helps); the residual "
               f"and a term with cosine <= {th['opposed_cosine']:g} are opposed (no weighting helps). Why: "
               "`design/diagnose.md` (checked against the method x problem table).", "",
-              "| term | log10 grad-norm ratio to " + s["ref"] + " | log10 NTK trace ratio |", "|---|---|---|"]
-    tr = s.get("log10_trace_ratio") or {}
-    lines += [f"| {t} | {_fmt(s['log10_ratio'][t])} | {_fmt(tr.get(t))} |" for t in s["terms"]]
+              f"| term | log10 grad-norm ratio to {s['ref']} | log10 NTK trace ratio | LRA's weight estimate "
+              f"max\\|g_{s['ref']}\\| / mean\\|g_term\\| |", "|---|---|---|---|"]
+    tr, lra = s.get("log10_trace_ratio") or {}, s.get("lra_estimate") or {}
+    lines += [f"| {t} | {_fmt(s['log10_ratio'][t])} | {_fmt(tr.get(t))} | {'(reference)' if t == s['ref'] else _num(lra.get(t))} |"
+              for t in s["terms"]]
     lines += ["", "| pair | median cosine |", "|---|---|"]
     lines += [f"| {p.replace('|', ' · ')} | {_fmt(c)} |" for p, c in s["cosine"].items()]
     if data.get("plots"):

@@ -136,6 +136,7 @@ class Diagnosis:
                "grad_norm": dict(zip(names, norms.tolist())),
                "log10_ratio": dict(zip(names, dg.log_scale_ratios(norms, k).tolist())),
                "mean_abs": {n: float(np.abs(G[i]).mean()) for i, n in enumerate(names)},
+               "lra_estimate": dict(zip(names, dg.lra_estimates(G, k).tolist())),
                "cosine": dg.cosines(G).tolist(), "layers": layers,
                "ntk": self._ntk() if self.kernels else None}
         self.records.append(rec)

@@ -52,6 +52,8 @@ def test_norms_ratios_and_cosines_by_hand():
     assert np.isclose(c[0, 1], 0.0) and np.isclose(c[0, 2], -1 / math.sqrt(2)) and np.isclose(c[1, 2], 1 / math.sqrt(2))
     assert np.allclose(np.diag(c)[:3], 1.0) and np.isnan(c[3, 0])
     assert np.all(np.isnan(dg.log_scale_ratios([0.0, 1.0], 0)))  # a zero reference: no ratio
+    # LRA: max|g_ref| / mean|g_i| (row 2: max 1; means 0.5, 0.5, 1, 0)
+    assert np.allclose(dg.lra_estimates(G, 2)[:3], [2.0, 2.0, 1.0]) and dg.lra_estimates(G, 2)[3] == np.inf
 
 
 def test_kernel_spectrum_of_known_kernels():
