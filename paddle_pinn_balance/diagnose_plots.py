@@ -168,8 +168,9 @@ def markdown(data: dict) -> str:
               f"| term | log10 grad-norm ratio to {s['ref']} | log10 NTK trace ratio | LRA's weight estimate "
               f"max\\|g_{s['ref']}\\| / mean\\|g_term\\| |", "|---|---|---|---|"]
     tr, lra = s.get("log10_trace_ratio") or {}, s.get("lra_estimate") or {}
-    lines += [f"| {t} | {_fmt(s['log10_ratio'][t])} | {_fmt(tr.get(t))} | {'(reference)' if t == s['ref'] else _num(lra.get(t))} |"
-              for t in s["terms"]]
+    for t in s["terms"]:
+        est = "(reference)" if t == s["ref"] else _num(lra.get(t))
+        lines.append(f"| {t} | {_fmt(s['log10_ratio'][t])} | {_fmt(tr.get(t))} | {est} |")
     lines += ["", "| pair | median cosine |", "|---|---|"]
     lines += [f"| {p.replace('|', ' · ')} | {_fmt(c)} |" for p, c in s["cosine"].items()]
     if data.get("plots"):
