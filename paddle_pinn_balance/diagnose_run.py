@@ -74,6 +74,17 @@ def _one(problem, key, settings, config, label, steps, seed, records, ntk_points
             "summary": diag.summary(), "seconds": seconds}
 
 
+def _check(problem, config, label, path) -> None:
+    """Build the balancer once before training (as ``run`` does): a bad one is a one-line error, exit code 2."""
+    from .train import problem_balancer
+
+    try:
+        problem_balancer(problem, config, problem.build_model(0), seed=0)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"pinn-balance diagnose: error: {path}: method {label!r} on {problem.name}: "
+                         f"{' '.join(str(e).split())}") from None
+
+
 def _method(methods, label, path):
     if label is None:
         return "sum", {"name": "sum"}
@@ -93,14 +104,17 @@ def main(config: str, steps: int | None = None, out: str | None = None, method: 
 
     steps = steps or DEFAULT_STEPS
     out = out or os.path.join("runs", "diagnose_" + os.path.splitext(os.path.basename(config))[0])
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"pinn-balance diagnose: error: --out {out!r} exists and is not a folder")
     raw = read_yaml(config, "diagnose")
     if isinstance(raw, dict) and "problems" in raw:
         spec = load_table(config)
         label, cfg = _method(spec["methods"], method, config)
+        todo = [p for p in spec["problems"] if label not in p["skip"]]
+        for p in todo:
+            _check(p["_problem"], cfg, label, config)
         rows = []
-        for p in spec["problems"]:
-            if label in p["skip"]:
-                continue
+        for p in todo:
             rows.append(_one(p["_problem"], p["problem"], p["settings"], cfg, label, steps, seed, records,
                              ntk_points, os.path.join(out, p["label"]), plots))
         path = os.path.join(out, "diagnosis.md")
@@ -110,6 +124,7 @@ def main(config: str, steps: int | None = None, out: str | None = None, method: 
         return 0
     spec = load_benchmark(config)
     label, cfg = _method(spec["methods"], method, config)
+    _check(spec["_problem"], cfg, label, config)
     _one(spec["_problem"], spec["problem"], spec["settings"], cfg, label, steps, seed, records, ntk_points, out,
          plots)
     return 0

@@ -283,3 +283,9 @@ def test_cli_on_a_table_file_and_bad_input(tmp_path, capsys):
     assert main(["diagnose", str(cfg), "--method", "nope", "--out", str(out)]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["diagnose", str(tmp_path / "missing.yaml")]) == 2
+    bad = tmp_path / "ntk.yaml"
+    bad.write_text(TABLE + "  - {label: ntk, balancer: {name: ntk}}\n")
+    assert main(["diagnose", str(bad), "--method", "ntk", "--out", str(tmp_path / "o2")]) == 2
+    assert "method 'ntk' on Klein-Gordon 1D: balancer 'ntk' (mode 'trace') needs kernels" in capsys.readouterr().err
+    assert main(["diagnose", str(cfg), "--out", str(bad)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
