@@ -11,6 +11,7 @@ from .grad_norm_ratio import GradNormRatio, grad_norm_ratio_weights
 from .gradnorm import GradNorm, GradNormBalancer, gradnorm_weight_gradient
 from .lr_annealing import LRAnnealing, lra_estimates
 from .ntk import NTKWeighting, ntk_trace_weights
+from .recorder import Diagnosis, attach_diagnosis
 from .relobralo import ReLoBRaLo, relobralo_weights
 from .self_adaptive import SelfAdaptive
 from .softadapt import SoftAdapt, softadapt_weights
@@ -23,4 +24,5 @@ __all__ = ["Balancer", "BalanceWarning", "Sum", "LRAnnealing", "NTKWeighting", "
            # the methods' math as pure functions of arrays (the classes above hold state and call them)
            "lra_estimates", "ntk_trace_weights", "gradnorm_weight_gradient", "grad_norm_ratio_weights",
            "relobralo_weights", "softadapt_weights"]
+__all__ += ["Diagnosis", "attach_diagnosis"]  # why a PINN does not train (recorder.py, diagnose.py)
 __version__ = "0.1.0"

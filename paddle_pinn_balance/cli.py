@@ -1,4 +1,4 @@
-"""Command line: ``pinn-balance demo | run | report | table`` (also ``python -m paddle_pinn_balance ...``).
+"""Command line: ``pinn-balance demo | run | report | table | diagnose`` (also ``python -m paddle_pinn_balance ...``).
 
 Only the arguments live here; each command's work is a function of :mod:`paddle_pinn_balance.runner`
 (``demo``, ``run``, ``report``) or :mod:`paddle_pinn_balance.table` (``table``), the plots in
@@ -11,6 +11,8 @@ Only the arguments live here; each command's work is a function of :mod:`paddle_
   (the file's format: :mod:`paddle_pinn_balance.runner`).
 * ``report DIR...``: a markdown table and a comparison plot from the ``results.json`` of finished runs.
 * ``table TABLE.yaml``: every method x every problem, several seeds, resumable (:mod:`paddle_pinn_balance.table`).
+* ``diagnose CONFIG.yaml``: why a PINN does not train: each term's gradients (and NTK blocks) at a few steps of
+  a short run, pictures and a verdict (:mod:`paddle_pinn_balance.diagnose_run`).
 
 Errors in the arguments or the YAML files print one line on stderr and exit with code 2.
 """
@@ -90,6 +92,25 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="run folders (or folders holding run folders)")
     report.add_argument("--out", default=os.path.join("runs", "report"), help="output folder (default runs/report)")
     report.add_argument("--dpi", type=_int_at_least(20), default=80, help="resolution of the plots (default 80)")
+
+    diagnose = commands.add_parser(
+        "diagnose", help="why is my PINN not training: the terms' gradients, kernels and a verdict",
+        description="Train a benchmark (or every problem of a table file) for --steps iterations, recording each "
+        "term's gradients (and NTK blocks where the problem has kernels) at a few steps; write PNGs, "
+        "diagnosis.json, diagnosis.md and print the verdict.",
+    )
+    diagnose.add_argument("config", help="benchmark YAML (examples/benchmarks/) or table YAML (examples/table.yaml)")
+    diagnose.add_argument("--steps", type=_int_at_least(1), default=None,
+                          help="training iterations (default 200)")
+    diagnose.add_argument("--records", type=_int_at_least(1), default=5,
+                          help="recorded steps, evenly spaced from 0 to the last (default 5)")
+    diagnose.add_argument("--method", default=None, metavar="LABEL",
+                          help="train with this method of the file (default: the plain sum)")
+    diagnose.add_argument("--seed", type=_int_at_least(0), default=0, help="seed (default 0)")
+    diagnose.add_argument("--ntk-points", type=_int_at_least(0), default=64,
+                          help="points per NTK block for its eigenvalues (default 64; 0: traces only)")
+    diagnose.add_argument("--out", default=None, help="output folder (default runs/diagnose_<config file name>)")
+    diagnose.add_argument("--no-plots", action="store_true", help="diagnosis.json and diagnosis.md only")
     return parser
 
 
@@ -99,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = _parser().parse_args(argv)
+        if args.command == "diagnose":
+            from . import diagnose_run
+
+            return diagnose_run.main(args.config, steps=args.steps, out=args.out, method=args.method,
+                                     seed=args.seed, records=args.records, ntk_points=args.ntk_points,
+                                     plots=not args.no_plots)
         if args.command in ("run", "table") and args.out is None:
             args.out = os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         if os.path.exists(args.out) and not os.path.isdir(args.out):
