@@ -23,7 +23,7 @@ setup(
         "test": ["pytest", "matplotlib", "scipy"],
         "plot": ["matplotlib", "tqdm"],
         "ppsci": ["paddlesci"],
-        "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]"],
+        "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"],  # ruff: signatures
     },
     entry_points={"console_scripts": ["pinn-balance=paddle_pinn_balance.cli:main"]},
 )
