@@ -21,7 +21,8 @@ import pytest
 import paddle_pinn_balance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "paddle_pinn_balance", "benchmarks", "*.yaml")))
+SHIPPED = sorted(os.path.basename(p)
+                 for p in glob.glob(os.path.join(ROOT, "paddle_pinn_balance", "benchmarks", "*.yaml")))
 
 
 def _wheel(tmp_path) -> str:
