@@ -4,6 +4,7 @@ Every balancer is called as ``balancer({name: scalar loss}, step) -> weighted to
 PaddleScience's ``Solver(loss_aggregator=...)``.
 """
 
+from ._version import __version__ as __version__  # the one version string
 from .balancer import Balancer, BalanceWarning, Sum
 from .causal import CausalResidual, build_causal, causal_weights
 from .config import build_balancer, build_loss_layer
@@ -25,4 +26,3 @@ __all__ = ["Balancer", "BalanceWarning", "Sum", "LRAnnealing", "NTKWeighting", "
            "lra_estimates", "ntk_trace_weights", "gradnorm_weight_gradient", "grad_norm_ratio_weights",
            "relobralo_weights", "softadapt_weights"]
 __all__ += ["Diagnosis", "attach_diagnosis"]  # why a PINN does not train (recorder.py, diagnose.py)
-__version__ = "0.1.0"

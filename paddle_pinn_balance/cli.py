@@ -7,8 +7,9 @@ Only the arguments live here; each command's work is a function of :mod:`paddle_
 * ``demo``: Helmholtz 2D of Wang, Teng & Perdikaris (2021) trained from one seed with plain weights (``sum``)
   and with learning-rate annealing (preset ``wang2021_code``); prints a table, writes ``results.json`` (the
   layout of ``run``) and plots into ``--out``.
-* ``run CONFIG.yaml``: any benchmark problem with each method (balancer) the file lists, one or more seeds
-  (the file's format: :mod:`paddle_pinn_balance.runner`).
+* ``run CONFIG.yaml`` or ``run NAME`` (a benchmark shipped with the package, e.g. ``helmholtz2d``): any
+  benchmark problem with each method (balancer) the file lists, one or more seeds (the file's format:
+  :mod:`paddle_pinn_balance.runner`).
 * ``report DIR...``: a markdown table and a comparison plot from the ``results.json`` of finished runs.
 * ``table TABLE.yaml``: every method x every problem, several seeds, resumable (:mod:`paddle_pinn_balance.table`).
 * ``diagnose CONFIG.yaml``: why a PINN does not train: each term's gradients (and NTK blocks) at a few steps of
@@ -24,7 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .runner import DEFAULT_ITERS, UsageError
+from .runner import DEFAULT_ITERS, UsageError, shipped_benchmarks
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="a benchmark from a YAML file: every method listed there (or one), one or more seeds",
         description="Train the problem a YAML file names with each of its methods; write results.json and plots.",
     )
-    run.add_argument("config", help="YAML file (see examples/benchmarks/)")
+    run.add_argument("config", help="a benchmark YAML file, or the name of one shipped with the package: "
+                     + ", ".join(shipped_benchmarks()))
     run.add_argument("--method", action="append", default=None, metavar="LABEL",
                      help="run only the method with this label (repeatable; default: all)")
     run.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", dest="overrides",
@@ -99,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "term's gradients (and NTK blocks where the problem has kernels) at a few steps; write PNGs, "
         "diagnosis.json, diagnosis.md and print the verdict.",
     )
-    diagnose.add_argument("config", help="benchmark YAML (examples/benchmarks/) or table YAML (examples/table.yaml)")
+    diagnose.add_argument("config", help="a shipped benchmark's name (helmholtz2d, ...), a benchmark YAML or a table YAML (examples/table.yaml)")
     diagnose.add_argument("--steps", type=_int_at_least(1), default=None,
                           help="training iterations (default 200)")
     diagnose.add_argument("--records", type=_int_at_least(1), default=5,

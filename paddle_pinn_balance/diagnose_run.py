@@ -99,9 +99,10 @@ def main(config: str, steps: int | None = None, out: str | None = None, method: 
          seed: int = 0, records: int = DEFAULT_RECORDS, ntk_points: int = 64, plots: bool = True) -> int:
     """The ``diagnose`` command: a benchmark file (one problem) or a table file (``problems:``, each problem
     into ``out/<label>/`` and a summary ``out/diagnosis.md``). Bad files raise ``UsageError``."""
-    from .runner import load_benchmark
+    from .runner import benchmark_path, load_benchmark
     from .table import load_table
 
+    config = benchmark_path(config, "diagnose")  # a path, or the name of a shipped benchmark
     steps = steps or DEFAULT_STEPS
     out = out or os.path.join("runs", "diagnose_" + os.path.splitext(os.path.basename(config))[0])
     if os.path.exists(out) and not os.path.isdir(out):

@@ -1,10 +1,11 @@
 """``demo``, ``run`` and ``report``: a benchmark from a YAML file, and the table of finished runs.
 
 ``demo`` is a ``run`` of :data:`DEMO` (Helmholtz 2D, plain weights vs learning-rate annealing, the methods
-``plain`` and ``lra`` of ``examples/benchmarks/helmholtz2d.yaml``) shortened to ``--iters``; its
+``plain`` and ``lra`` of the shipped benchmark ``helmholtz2d``) shortened to ``--iters``; its
 ``results.json`` has the layout of every ``run``, so ``report`` reads it.
 
-The benchmark YAML file (``examples/benchmarks/*.yaml``)::
+``run`` takes a path or the name of a benchmark shipped with the package (``paddle_pinn_balance/benchmarks/
+NAME.yaml``, listed by :func:`shipped_benchmarks`). The benchmark YAML file::
 
     problem: helmholtz          # a key of paddle_pinn_balance.problems.PROBLEMS
     settings: {batch_size: 128} # keyword arguments of the problem's constructor (optional)
@@ -30,8 +31,9 @@ import sys
 from .balancer import check_int
 from .plots import plot_comparison, plot_curves, plot_run
 
-__all__ = ["DEFAULT_ITERS", "DEMO", "UsageError", "check_balancers", "demo", "find_results", "load_benchmark",
-           "read_yaml", "report", "report_rows", "report_table", "run", "select_methods", "text_table"]
+__all__ = ["DEFAULT_ITERS", "DEMO", "SHIPPED", "UsageError", "benchmark_path", "check_balancers", "demo",
+           "find_results", "load_benchmark", "read_yaml", "report", "report_rows", "report_table", "run",
+           "select_methods", "shipped_benchmarks", "text_table"]
 
 
 class UsageError(Exception):
@@ -45,7 +47,10 @@ _METHOD_KEYS = {"label", "title", "balancer", "published", "note"}
 #: Default length of the demo: about a minute per run on a 2-core CPU (~10 ms per step).
 DEFAULT_ITERS = 5000
 
-#: The demo's benchmark: ``plain`` and ``lra`` of examples/benchmarks/helmholtz2d.yaml (LRA paper, Sec. 3.1).
+#: The folder of the benchmark files shipped with the package (package data: a wheel installs them).
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+
+#: The demo's benchmark: ``plain`` and ``lra`` of the shipped benchmark ``helmholtz2d`` (LRA paper, Sec. 3.1).
 DEMO = {
     "problem": "helmholtz",
     "settings": {"k": 1.0, "a1": 1.0, "a2": 4.0, "layers": [2, 50, 50, 50, 1], "batch_size": 128, "test_n": 100},
@@ -72,6 +77,22 @@ def _is_int(value, minimum=1) -> bool:
     return True
 
 
+def shipped_benchmarks() -> list:
+    """Names of the benchmark files shipped with the package (``pinn-balance run NAME``), sorted."""
+    return sorted(f[:-5] for f in os.listdir(SHIPPED) if f.endswith(".yaml"))
+
+
+def benchmark_path(config: str, command: str = "run") -> str:
+    """The file ``config`` names: an existing path as given, else a shipped benchmark's file (``helmholtz2d``
+    or ``helmholtz2d.yaml``); anything else raises ``UsageError`` listing the shipped names."""
+    if os.path.isfile(config):
+        return config
+    name = config[:-5] if config.endswith(".yaml") else config
+    if os.sep not in config and "/" not in config and name in shipped_benchmarks():
+        return os.path.join(SHIPPED, name + ".yaml")
+    _fail(config, f"config file not found, nor a shipped benchmark name; shipped: {shipped_benchmarks()}", command)
+
+
 def read_yaml(path: str, command: str = "run"):
     """``yaml.safe_load`` of the file at ``path``; a missing, unreadable or malformed file raises ``UsageError``."""
     import yaml
@@ -90,7 +111,8 @@ def read_yaml(path: str, command: str = "run"):
 def load_benchmark(path, overrides=None, name: str | None = None) -> dict:
     """Read and validate a benchmark YAML file (see the module docstring); raises ``UsageError`` (one line).
 
-    ``path`` is the file, or the benchmark mapping itself (then ``name`` is what messages call it, e.g. ``demo``).
+    ``path`` is the file, the name of a shipped benchmark (:func:`benchmark_path`), or the benchmark mapping
+    itself (then ``name`` is what messages call it, e.g. ``demo``).
     Checks the keys, the problem name and its settings (by building the problem), every method's label
     (unique) and balancer (name and keys), ``iters``, ``seeds`` and ``log_every``. ``overrides``: a list of
     ``"key=value"`` strings replacing problem settings (the value read as YAML). Returns the mapping with
@@ -104,6 +126,7 @@ def load_benchmark(path, overrides=None, name: str | None = None) -> dict:
     if isinstance(path, dict):
         spec, path = path, name or "benchmark"
     else:
+        path = benchmark_path(path)
         spec = read_yaml(path)
     if not isinstance(spec, dict):
         _fail(path, f"malformed benchmark: the file must hold a mapping with `problem` and `methods`; "

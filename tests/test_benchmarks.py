@@ -16,7 +16,7 @@ from paddle_pinn_balance.problems import PROBLEMS, GradNormToy, KleinGordon1D, P
 from paddle_pinn_balance.problems.nets import sequential_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS = sorted(glob.glob(os.path.join(ROOT, "examples", "benchmarks", "*.yaml")))
+BENCHMARKS = sorted(glob.glob(os.path.join(ROOT, "paddle_pinn_balance", "benchmarks", "*.yaml")))
 #: smoke length: the pipeline end to end, a few seconds per file
 SMOKE_ITERS = 20
 #: the full-size Wave net (3 x 500) costs ~1 s per step and ~20-40 s per NTK update on a 2-core CPU: its smoke
@@ -169,7 +169,7 @@ def test_benchmark_smoke(path, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_one_method_several_seeds_and_report(tmp_path, capsys):
-    path = os.path.join(ROOT, "examples", "benchmarks", "poisson1d_adam.yaml")
+    path = os.path.join(ROOT, "paddle_pinn_balance", "benchmarks", "poisson1d_adam.yaml")
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli.main(["run", path, "--method", "ntk_fixed", "--iters", "5", "--seeds", "2", "--out", str(a),
                      "--quiet"]) == 0
@@ -183,7 +183,7 @@ def test_run_one_method_several_seeds_and_report(tmp_path, capsys):
     # the weights are computed at step 0 only (update_freq larger than the run), then kept
     w = m["history"]["weight"]["bc"]
     assert w[0] > 1.0 and len(set(w)) == 1
-    assert cli.main(["run", os.path.join(ROOT, "examples", "benchmarks", "gradnorm_toy.yaml"), "--iters", "3",
+    assert cli.main(["run", "gradnorm_toy", "--iters", "3",  # a shipped benchmark by name
                      "--out", str(b), "--quiet"]) == 0
     capsys.readouterr()
     rep = tmp_path / "report"
@@ -206,7 +206,7 @@ def test_run_one_method_several_seeds_and_report(tmp_path, capsys):
 @pytest.mark.slow
 def test_lra_beats_plain_on_helmholtz_after_a_short_run(tmp_path):
     """The one real-effect check: same seed, same batches; LRA's error ends below plain's."""
-    path = os.path.join(ROOT, "examples", "benchmarks", "helmholtz2d.yaml")
+    path = os.path.join(ROOT, "paddle_pinn_balance", "benchmarks", "helmholtz2d.yaml")
     out = tmp_path / "effect"
     assert cli.main(["run", path, "--method", "plain", "--method", "lra", "--iters", str(EFFECT_ITERS),
                      "--out", str(out), "--quiet", "--no-plots"]) == 0
@@ -258,6 +258,27 @@ def test_run_errors_give_one_line_and_exit_code_2(tmp_path, capsys, text, extra,
     assert captured.err.count("\n") == 1 and captured.err.startswith("pinn-balance run: error:")
     assert needle in captured.err, captured.err
     assert not (tmp_path / "out").exists()  # nothing was trained or written
+
+
+def test_run_takes_a_shipped_name_and_lists_the_names_for_an_unknown_one(tmp_path, capsys, monkeypatch):
+    from paddle_pinn_balance import runner
+
+    names = [os.path.basename(p)[:-5] for p in BENCHMARKS]
+    assert runner.shipped_benchmarks() == names and "helmholtz2d" in names
+    monkeypatch.chdir(tmp_path)  # an empty folder: the name resolves to the package's file
+    shipped = os.path.join(ROOT, "paddle_pinn_balance", "benchmarks", "poisson1d_gd.yaml")
+    for name in ("poisson1d_gd", "poisson1d_gd.yaml"):
+        assert os.path.samefile(runner.benchmark_path(name), shipped)
+        assert os.path.samefile(runner.load_benchmark(name)["config_file"], shipped)
+    (tmp_path / "poisson1d_gd.yaml").write_text(GOOD)  # a file of that name in the folder is taken as a path
+    assert runner.benchmark_path("poisson1d_gd.yaml") == "poisson1d_gd.yaml"
+    assert runner.load_benchmark("poisson1d_gd.yaml")["iters"] == 2
+    for bad in ("helmholtz3d", os.path.join("sub", "helmholtz2d"), "helmholtz2d.yml"):
+        assert cli.main(["run", bad, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"pinn-balance run: error: {bad}: config file not found")
+        assert f"shipped: {names}" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_errors_give_one_line_and_exit_code_2(tmp_path, capsys):

@@ -251,7 +251,7 @@ def test_second_derivative_through_the_total(kind):
     """A gradient penalty: ``paddle.grad(total, params, create_graph=True)`` and a backward of a function of it
     equal plain autograd on ``sum_i w_i L_i`` (methods that update from the losses alone, and the
     gradient-reading ones with ``assemble=False``; ``assemble=True`` carries the update step's gradient as a
-    constant, README)."""
+    constant, docs/getting-started.md)."""
     model, bal = (ASSEMBLE_FALSE.get(kind) or BALANCERS[kind])(make_net())
     params = net_params(model)
     for step in range(2):
