@@ -217,10 +217,16 @@ class NTKWeighting(Balancer):
 
     def _create_state(self, k):
         super()._create_state(k)
-        self.register_buffer("traces_buf", paddle.zeros([k], dtype="float32"))
+        self.register_buffer("traces_buf", paddle.zeros([k], dtype=self._state_dtype()))
 
     def _extra_state_shapes(self, k):
         return {"traces_buf": [k]}
+
+    def _check_state(self, arrays):
+        super()._check_state(arrays)
+        if np.any(arrays["traces_buf"] < 0):
+            raise ValueError(f"state_dict['traces_buf'] must be >= 0 (traces, norms); got "
+                             f"{arrays['traces_buf'].tolist()}")
 
     # ------------------------------------------------------------------ statistics -> weights
 
