@@ -14,6 +14,7 @@ setup(
         "test": ["pytest", "matplotlib", "scipy"],
         "plot": ["matplotlib", "tqdm"],
         "ppsci": ["paddlesci"],
+        "upgrad": ["scipy"],
     },
     entry_points={"console_scripts": ["pinn-balance=paddle_pinn_balance.cli:main"]},
 )

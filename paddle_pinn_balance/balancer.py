@@ -618,7 +618,7 @@ class Balancer(paddle.nn.Layer):
             if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise ValueError(f"state_dict[{key!r}] holds non-finite values: {value.tolist()}")
             arrays[key] = value
-        self._check_state(arrays)
+        self._check_state(arrays, names)
         if self._names is None:
             self._set_names(names)
         current = super().state_dict()  # same keys: cast each value to the dtype it is loaded into
@@ -627,8 +627,9 @@ class Balancer(paddle.nn.Layer):
         self._after_load()
         return result
 
-    def _check_state(self, arrays: dict) -> None:
-        """Raise ``ValueError`` naming the key if a value of a checkpoint is outside its valid range."""
+    def _check_state(self, arrays: dict, names: tuple) -> None:
+        """Raise ``ValueError`` naming the key if a value of a checkpoint (``arrays``, for terms ``names``) is
+        outside its valid range."""
         for key in ("num_calls", "num_updates"):
             _check_at_least(arrays, key, 0)
         _check_at_least(arrays, "last_update_step", -1)
@@ -638,21 +639,23 @@ class Balancer(paddle.nn.Layer):
         key = self._weight_key()
         if key is not None:
             w = arrays[key].astype(np.float64)
-            bounded = self._bounded_terms(len(w))
+            bounded = self._bounded_terms(names)
+            # the bounds as the weights' dtype rounds them (clipping to 0.1 in float32 stores 0.100000001)
             low = 0.0 if self.min_weight is None else float(np.asarray(self.min_weight, arrays[key].dtype))
             high = np.inf if self.max_weight is None else float(np.asarray(self.max_weight, arrays[key].dtype))
             bad = [float(v) for v, b in zip(w, bounded) if b and not low <= v <= high] + [float(v) for v in w if v < 0]
             if bad:
-                raise ValueError(f"state_dict[{key!r}] holds weights {bad} outside [{low}, {high}] "
-                                 f"(`min_weight`, `max_weight`, and weights are never negative)")
+                raise ValueError(f"state_dict[{key!r}] holds weights {bad} outside [{self.min_weight or 0.0}, "
+                                 f"{self.max_weight or np.inf}] (`min_weight`, `max_weight`; weights are never "
+                                 "negative)")
 
     def _weight_key(self) -> Optional[str]:
         """The state key of the weights whose range :meth:`_check_state` checks (``None``: none)."""
         return None if self.learns_weights else "lambdas"
 
-    def _bounded_terms(self, k: int) -> list:
+    def _bounded_terms(self, names: tuple) -> list:
         """Which terms' weights ``[min_weight, max_weight]`` applies to (all but LR annealing's references)."""
-        return [True] * k
+        return [True] * len(names)
 
     def _expected_state(self, k: int) -> dict:
         """Keys and shapes this balancer's ``state_dict`` holds for ``k`` terms (``None``: any length)."""

@@ -286,11 +286,11 @@ class LRAnnealing(Balancer):
             return w
         return paddle.where(self._free, super()._clip(w), w)
 
-    def _bounded_terms(self, k):
-        return [n not in self.ref for n in self._names] if self._names else [True] * k
+    def _bounded_terms(self, names):
+        return [n not in self.ref for n in names]
 
-    def _check_state(self, arrays):
-        super()._check_state(arrays)
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
         if np.any(arrays["lambdas"] <= 0):  # the siam estimate divides by the weight
             raise ValueError(f"state_dict['lambdas'] must be positive; got {arrays['lambdas'].tolist()}")
 

@@ -135,8 +135,8 @@ class ReLoBRaLo(Balancer):
     def _extra_state_shapes(self, k):
         return {"init_losses": [k], "prev_losses": [k], "initialised": [k], "lookback_seed": [1]}
 
-    def _check_state(self, arrays):
-        super()._check_state(arrays)
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
         check_int("state_dict['lookback_seed']", int(arrays["lookback_seed"][0]), minimum=0)
 
     def _after_load(self):
