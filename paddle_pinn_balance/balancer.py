@@ -98,6 +98,7 @@ def _encode_names(names: Sequence[str]) -> paddle.Tensor:
 
 
 _FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
+_FLOAT_IDS = {id(d) for d in _FLOATS}
 
 
 def _decode_names(tensor) -> tuple:
@@ -189,7 +190,10 @@ class Balancer(paddle.nn.Layer):
         self._names: Optional[tuple] = None
         self.register_buffer("num_calls", paddle.zeros([1], dtype="int64"))
         self.register_buffer("num_updates", paddle.zeros([1], dtype="int64"))
-        self.register_buffer("last_update_step", paddle.full([1], -1, dtype="int64"))  # -1: none yet
+        # -1: none yet. The host knows the step (`_host`); the buffer is written when a state_dict is taken (a
+        # hook), not at every update (a device operation per update)
+        self.register_buffer("last_update_step", paddle.full([1], -1, dtype="int64"))
+        self.register_state_dict_hook(self._store_host_state)
         self.register_buffer("method_utf8", _encode_names([type(self).__name__]))
         if loss_names is not None:
             self._set_names(loss_names)
@@ -292,8 +296,13 @@ class Balancer(paddle.nn.Layer):
         if update:
             h["last_update_step"] = step
             ops.increment_(self.num_updates)
-            self._buffers["last_update_step"] = paddle.full([1], step, dtype="int64")
         return total
+
+    def _store_host_state(self, destination):
+        """State-dict hook: write the host's last update step into its buffer (in place: the state dict holds
+        the buffer itself, or a view of it)."""
+        last = self._host.get("last_update_step")
+        self._buffers["last_update_step"].set_value(np.array([-1 if last is None else last], dtype=np.int64))
 
     def _steps_went_backwards(self, step: int, last: int) -> None:
         if self._host.get("warned_backwards"):
@@ -309,7 +318,6 @@ class Balancer(paddle.nn.Layer):
         update (and warn)."""
         self._host.pop("last_update_step", None)
         self._host.pop("warned_backwards", None)
-        self._buffers["last_update_step"] = paddle.full([1], -1, dtype="int64")
 
     def _validate(self, losses) -> list:
         if not isinstance(losses, Mapping):
@@ -333,8 +341,8 @@ class Balancer(paddle.nn.Layer):
             if not isinstance(v, paddle.Tensor):
                 raise ValueError(f"loss {n!r} must be a paddle.Tensor; got {type(v).__name__}")
             dtype = v.dtype
-            if dtype != first:
-                if dtype not in _FLOATS:
+            if dtype is not first and (first is None or dtype != first):  # `is`: dtypes are singletons, 10x faster
+                if id(dtype) not in _FLOAT_IDS and dtype not in _FLOATS:
                     raise ValueError(f"loss {n!r} must be a floating-point tensor; got dtype {dtype} (a loss of an "
                                      "integer or bool dtype has no gradient)")
                 if first is None:
@@ -444,14 +452,16 @@ class Balancer(paddle.nn.Layer):
         ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
         gradient was non-finite or zero since the last check (their weights were kept).
 
-        ``zeros=False``: only the non-finite count (``scale`` the losses of a method without gradients: a loss
-        of 0 is no fault)."""
+        ``zeros=False``: only the non-finite count (``scale`` the detached losses of a method without gradients:
+        a loss of 0 is no fault)."""
         b = self._buffers
         low, bad = b["scale_min"], b["scale_nonfinite"]
-        scale = ops.cast(scale.detach(), low.dtype)
         if zeros:
+            scale = ops.cast(scale.detach(), low.dtype)
             b["scale_min"] = ops.minimum(low, scale)
-        ops.add_(bad, scale - scale)
+            ops.add_(bad, scale - scale)
+        else:  # `scale` detached already (the losses): 0 * x is 0, or NaN where x is non-finite
+            ops.add_(bad, ops.scale(ops.cast(scale, bad.dtype), 0.0))
         self._host["since_check"] += 1
         if self.check_every and self._host["since_check"] >= self.check_every:
             self.check_terms()

@@ -92,7 +92,7 @@ class UncertaintyWeighting(Balancer):
     def _total(self, values, update):
         stacked = ops.stack(values)
         if update:  # counted for the warning every `check_every` steps (device-side)
-            self._record_bad_terms(stacked, zeros=False)
+            self._record_bad_terms(stacked.detach(), zeros=False)
         # data-parallel: log_vars are outside DataParallel; their gradient is averaged over the ranks here
         return uncertainty_total(stacked, rank_mean_gradient(self.log_vars))
 
