@@ -428,6 +428,12 @@ class MConFIG(_Surgery):
         return {"momenta": [k, n], "momentum_counts": [k], "pseudo_momentum": [n], "second_momentum": [n],
                 "direction_count": [1], "mconfig_turn": [1]}
 
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        for key in ("mconfig_turn", "momentum_counts", "direction_count"):
+            if np.any(arrays[key] < 0):
+                raise ValueError(f"state_dict[{key!r}] must be >= 0 (a count); got {arrays[key].tolist()}")
+
     def _after_load(self):
         super()._after_load()
         self._turn = int(self.mconfig_turn.numpy()[0])

@@ -23,7 +23,7 @@ from paddle_pinn_balance import (
 )
 from paddle_pinn_balance.per_point import per_point_sq_grad_norms
 from paddle_pinn_balance.relobralo import lookback_draw
-from paddle_pinn_balance.surgery import PCGrad, UPGrad, config_direction, pcgrad_direction
+from paddle_pinn_balance.surgery import MConFIG, PCGrad, UPGrad, config_direction, pcgrad_direction
 
 X = np.linspace(-1, 1, 12).reshape(6, 2)
 
@@ -267,6 +267,11 @@ def test_other_method_counters_are_checked():
     state["pcgrad_draws"] = np.array([-2], dtype=np.int64)
     with pytest.raises(ValueError, match="pcgrad_draws"):
         PCGrad(make_net(sizes=(2, 4, 1))).set_state_dict(state)
+    net, mc = _trained(MConFIG)
+    state = {k: v.numpy().copy() for k, v in mc.state_dict().items()}
+    state["mconfig_turn"] = np.array([-1], dtype=np.int64)
+    with pytest.raises(ValueError, match="mconfig_turn"):
+        MConFIG(net).set_state_dict(state)
     rb = ReLoBRaLo()
     rb({"a": paddle.to_tensor(1.0), "b": paddle.to_tensor(2.0)}, 0)
     state = {k: v.numpy().copy() for k, v in rb.state_dict().items()}
