@@ -190,10 +190,9 @@ class Balancer(paddle.nn.Layer):
         self._names: Optional[tuple] = None
         self.register_buffer("num_calls", paddle.zeros([1], dtype="int64"))
         self.register_buffer("num_updates", paddle.zeros([1], dtype="int64"))
-        # -1: none yet. The host knows the step (`_host`); the buffer is written when a state_dict is taken (a
-        # hook), not at every update (a device operation per update)
+        # -1: none yet. The host knows the step (`_host`); the buffer is written when a state dict is taken
+        # (`_state_dict_impl`), not at every update (a device operation per update)
         self.register_buffer("last_update_step", paddle.full([1], -1, dtype="int64"))
-        self.register_state_dict_hook(self._store_host_state)
         self.register_buffer("method_utf8", _encode_names([type(self).__name__]))
         if loss_names is not None:
             self._set_names(loss_names)
@@ -298,11 +297,12 @@ class Balancer(paddle.nn.Layer):
             ops.increment_(self.num_updates)
         return total
 
-    def _store_host_state(self, destination):
-        """State-dict hook: write the host's last update step into its buffer (in place: the state dict holds
-        the buffer itself, or a view of it)."""
+    def _state_dict_impl(self, *args, **kwargs):
+        """Paddle's state-dict builder (``state_dict()``, and a parent layer's for its sublayers): the host's
+        last update step is written into its buffer first."""
         last = self._host.get("last_update_step")
-        self._buffers["last_update_step"].set_value(np.array([-1 if last is None else last], dtype=np.int64))
+        self._buffers["last_update_step"] = paddle.full([1], -1 if last is None else last, dtype="int64")
+        return super()._state_dict_impl(*args, **kwargs)
 
     def _steps_went_backwards(self, step: int, last: int) -> None:
         if self._host.get("warned_backwards"):
