@@ -559,3 +559,20 @@ def test_float64_default_gives_float64_state_and_an_old_float32_checkpoint_loads
         assert Sum(loss_names=["a"]).lambdas.dtype == paddle.float64
     finally:
         paddle.set_default_dtype(previous)
+
+
+def test_last_update_step_in_every_form_of_state_dict():
+    bal = ReLoBRaLo(update_freq=1)
+    for s in (0, 3, 7):
+        bal({"a": paddle.to_tensor(1.0), "b": paddle.to_tensor(2.0)}, s)
+
+    class Holder(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.bal = bal
+
+    assert int(bal.state_dict()["last_update_step"].numpy()[0]) == 7
+    assert int(bal.state_dict(keep_vars=False)["last_update_step"].numpy()[0]) == 7
+    assert int(Holder().state_dict()["bal.last_update_step"].numpy()[0]) == 7
+    bal.restart_steps()
+    assert int(bal.state_dict()["last_update_step"].numpy()[0]) == -1
