@@ -40,8 +40,10 @@ meanwhile.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+import numpy as np
 import paddle
 
 from . import expanded
@@ -105,6 +107,18 @@ def _as_vector(out, name: str, dtype=None) -> paddle.Tensor:
     if dtype is not None and out.dtype == paddle.float64 and dtype != paddle.float64:
         out = out.astype(dtype)  # wider than the model: its extra digits are not the model's
     return out
+
+
+def _rng_state():
+    """The global random states (Paddle's, NumPy's, Python's). Not used by the NTK path (it rewinds nothing:
+    another thread may be drawing); kept for inspection tools that restore them around a kernel call."""
+    return paddle.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_rng_state(state) -> None:
+    paddle.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
 
 
 def _loop(model, kernel, name, params):
