@@ -24,6 +24,7 @@ setup(
         "plot": ["matplotlib", "tqdm"],
         "ppsci": ["paddlesci"],
         "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"],  # ruff: signatures
+        "upgrad": ["scipy"],
     },
     entry_points={"console_scripts": ["pinn-balance=paddle_pinn_balance.cli:main"]},
 )

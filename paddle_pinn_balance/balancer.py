@@ -9,14 +9,16 @@ Methods differ only in how they turn per-term statistics into raw weight estimat
 ``_update`` for methods with statistics of their own); everything else lives here, written once:
 
 * names are fixed at construction (``loss_names=``) or at the first call and checked on every call;
-* on a call where ``step % update_freq == 0`` the weights are updated *first*, from this call's losses,
-  so the returned total already uses them;
+* on a call where ``step % update_freq == 0`` and ``step`` is past the last update's step the weights are
+  updated *first*, from this call's losses, so the returned total already uses them; a call that raises
+  changes no state (counters, last update step, weights);
 * smoothing ``lambda <- momentum * lambda + (1 - momentum) * lambda_hat`` (:meth:`_set_weights`),
   then optional ``[min_weight, max_weight]`` bounds, then a non-finite guard that keeps the previous
   weights when any new value is NaN or Inf; all on the device, without host synchronisation;
 * every piece of state is a registered buffer (learned weights are parameters), including the term
-  names (as UTF-8 bytes) and the counters, so ``state_dict`` / ``set_state_dict`` resume bit-for-bit and
-  a checkpoint with other names, another number of terms or non-finite values is refused.
+  names and the method's class name (as UTF-8 bytes), the counters and the last update's step, so
+  ``state_dict`` / ``set_state_dict`` resume bit-for-bit, and a checkpoint of another method, with other
+  names, another number of terms, non-finite values or values outside their range is refused.
 """
 
 from __future__ import annotations
@@ -95,9 +97,18 @@ def _encode_names(names: Sequence[str]) -> paddle.Tensor:
     return paddle.to_tensor(data, dtype="uint8")
 
 
+_FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
+_FLOAT_IDS = {id(d) for d in _FLOATS}
+
+
 def _decode_names(tensor) -> tuple:
     arr = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.uint8)
     return tuple(arr.tobytes().decode("utf-8").split("\n"))
+
+
+def _check_at_least(arrays: dict, key: str, minimum: int) -> None:
+    if key in arrays and np.any(arrays[key] < minimum):
+        raise ValueError(f"state_dict[{key!r}] must be >= {minimum}; got {arrays[key].tolist()}")
 
 
 # --------------------------------------------------------------------------- base class
@@ -130,7 +141,17 @@ class Balancer(paddle.nn.Layer):
     Data-parallel training: per-term gradients (and GradNorm's losses) are averaged over the ranks
     before any statistic, so every rank computes the same weights, those of one process on all points.
 
-    Calling with ``step=None`` uses the number of earlier calls as the step.
+    Steps: ``step`` is a non-negative integer (or ``None``: the number of earlier calls). A call updates
+    when ``step % update_freq == 0`` and ``step`` is greater than the step of the last update (the same
+    step again is another evaluation of that step, e.g. an L-BFGS closure: no update). A step smaller than
+    the last update's is not an update step; it gives one ``BalanceWarning`` per run: a second training
+    stage whose loop counts from 0 again calls :meth:`restart_steps` first (weights and every other state
+    kept). The last update's step is saved in ``state_dict`` (``last_update_step``), so a resumed run does
+    not update twice at one step. A call that raises (a loss of a non-floating dtype, a kernel's error)
+    changes no state: it is not counted, and retrying the step updates.
+
+    Losses: scalars of a floating dtype. Terms of mixed floating dtypes (one float64 or float16 term among
+    float32 ones) are all cast to the balancer's state dtype (float64 for a float64 model, else float32).
     """
 
     #: PaddleScience saves the ``state_dict`` of aggregators with this flag (``*.pdagg``).
@@ -169,6 +190,10 @@ class Balancer(paddle.nn.Layer):
         self._names: Optional[tuple] = None
         self.register_buffer("num_calls", paddle.zeros([1], dtype="int64"))
         self.register_buffer("num_updates", paddle.zeros([1], dtype="int64"))
+        # -1: none yet. The host knows the step (`_host`); the buffer is written when a state dict is taken
+        # (`_state_dict_impl`), not at every update (a device operation per update)
+        self.register_buffer("last_update_step", paddle.full([1], -1, dtype="int64"))
+        self.register_buffer("method_utf8", _encode_names([type(self).__name__]))
         if loss_names is not None:
             self._set_names(loss_names)
 
@@ -197,12 +222,22 @@ class Balancer(paddle.nn.Layer):
     def _check_names(self, names: tuple) -> None:
         """Hook: subclasses check the names against what they were built for."""
 
+    def _state_dtype(self) -> str:
+        """The dtype of the weights and the per-term state: float64 when the parameters the method reads are
+        float64 (without parameters: when Paddle's default dtype is), else float32 (a float16 model keeps
+        float32 weights). A checkpoint in the other dtype loads (cast)."""
+        params = self._params
+        if params:
+            return "float64" if any(p.dtype == paddle.float64 for p in params) else "float32"
+        return "float64" if paddle.get_default_dtype() == "float64" else "float32"
+
     def _create_state(self, k: int) -> None:
         """Create the per-term state once the number of terms ``k`` is known."""
+        dtype = self._state_dtype()
         if not self.learns_weights:
-            self.register_buffer("lambdas", paddle.ones([k], dtype="float32"))
-        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype="float32"), persistable=False)
-        self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype="float32"), persistable=False)
+            self.register_buffer("lambdas", paddle.ones([k], dtype=dtype))
+        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype=dtype), persistable=False)
+        self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype=dtype), persistable=False)
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -215,10 +250,10 @@ class Balancer(paddle.nn.Layer):
         One step, as the code runs it:
 
         1. the names and shapes are checked (``ValueError`` naming the key);
-        2. the step is an *update step* when ``step % update_freq == 0``, no earlier call had this
-           ``step`` (an L-BFGS closure calls several times per step: only the first call updates) and
-           gradients are enabled (a call under ``paddle.no_grad()``, e.g. a validation loss, only reads
-           the weights);
+        2. the step is an *update step* when ``step % update_freq == 0``, ``step`` is greater than the last
+           update's step (an L-BFGS closure calls several times per step: only the first call updates; a
+           step going backwards warns once, see :meth:`restart_steps`) and gradients are enabled (a call
+           under ``paddle.no_grad()``, e.g. a validation loss, only reads the weights);
         3. not an update step: the total is ``sum_i lambda_i L_i`` through the losses' graph (weights
            detached);
         4. an update step of a method with statistics of its own (NTK traces, loss-only methods): the
@@ -235,22 +270,54 @@ class Balancer(paddle.nn.Layer):
         accumulated, scaled), ``paddle.grad`` and ``DataParallel`` see exactly its gradient.
         """
         values = self._validate(losses)
+        h = self._host
         if step is None:
-            step = self._host["calls"]
-        elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise ValueError(f"`step` must be an integer or None; got {step!r}")
+            step = h["calls"]
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"`step` must be a non-negative integer or None; got {step!r}")
         step = int(step)
-        self._host["calls"] += 1
-        ops.increment_(self.num_calls)
         # under paddle.no_grad() (a validation loss, logging) nothing is trained: the weights are only read
-        update = (step % self.update_freq == 0 and step != self._host.get("last_update_step")
-                  and paddle.is_grad_enabled())
-        self._host["step"] = step  # the step of this call (ReLoBRaLo's look-back draw, GradNorm's renormalisation)
-        self._before_call(values, update)
+        update = paddle.is_grad_enabled()
         if update:
-            self._host["last_update_step"] = step
+            last = h.get("last_update_step")
+            if last is not None and step <= last:
+                update = False  # the same step again (an L-BFGS closure), or a step going backwards
+                if step < last:
+                    self._steps_went_backwards(step, last)
+            else:
+                update = step % self.update_freq == 0
+        h["step"] = step  # the step of this call (ReLoBRaLo's look-back draw, GradNorm's renormalisation)
+        self._before_call(values, update)
+        total = self._total(values, update)
+        # counted only now: a call that raised changed no counter, and a retry of its step updates
+        h["calls"] += 1
+        ops.increment_(self.num_calls)
+        if update:
+            h["last_update_step"] = step
             ops.increment_(self.num_updates)
-        return self._total(values, update)
+        return total
+
+    def _state_dict_impl(self, *args, **kwargs):
+        """Paddle's state-dict builder (``state_dict()``, and a parent layer's for its sublayers): the host's
+        last update step is written into its buffer first."""
+        last = self._host.get("last_update_step")
+        self._buffers["last_update_step"] = paddle.full([1], -1 if last is None else last, dtype="int64")
+        return super()._state_dict_impl(*args, **kwargs)
+
+    def _steps_went_backwards(self, step: int, last: int) -> None:
+        if self._host.get("warned_backwards"):
+            return
+        self._host["warned_backwards"] = True
+        warnings.warn(f"{type(self).__name__}: steps went backwards (step {step} after an update at step {last}): "
+                      f"no update until a step past {last}; call `restart_steps()` when a new stage counts from 0",
+                      BalanceWarning, stacklevel=3)
+
+    def restart_steps(self) -> None:
+        """Forget the last update's step (weights, counters and every other state kept): for a second training
+        stage whose loop counts its steps from 0 again. Without it, steps below the last update's do not
+        update (and warn)."""
+        self._host.pop("last_update_step", None)
+        self._host.pop("warned_backwards", None)
 
     def _validate(self, losses) -> list:
         if not isinstance(losses, Mapping):
@@ -267,16 +334,30 @@ class Balancer(paddle.nn.Layer):
                 f"loss names changed: missing {missing}, unexpected {extra}; expected {list(names)}"
             )
         values = []
+        first = None
+        mixed = False
         for n in names:
             v = losses[n]
             if not isinstance(v, paddle.Tensor):
                 raise ValueError(f"loss {n!r} must be a paddle.Tensor; got {type(v).__name__}")
+            dtype = v.dtype
+            if dtype is not first and (first is None or dtype != first):  # `is`: dtypes are singletons, 10x faster
+                if id(dtype) not in _FLOAT_IDS and dtype not in _FLOATS:
+                    raise ValueError(f"loss {n!r} must be a floating-point tensor; got dtype {dtype} (a loss of an "
+                                     "integer or bool dtype has no gradient)")
+                if first is None:
+                    first = dtype
+                else:
+                    mixed = True
             shape = v.shape
             if shape:
                 if int(np.prod(shape)) != 1:
                     raise ValueError(f"loss {n!r} must be a scalar; got shape {list(shape)}")
                 v = ops.reshape(v, [])
             values.append(v)
+        if mixed:  # e.g. one float64 term among float32 ones: all in the state's dtype (differentiable casts)
+            dtype = self._state_dtype()
+            values = [v if v.dtype == getattr(paddle, dtype) else ops.cast(v, dtype) for v in values]
         return values
 
     def _before_call(self, values: list, update: bool) -> None:
@@ -363,25 +444,35 @@ class Balancer(paddle.nn.Layer):
         n = self.__dict__.get("_n_model")
         return G if n is None else ops.leading_columns(G, n)
 
-    def _record_bad_terms(self, scale: paddle.Tensor) -> None:
+    def _record_bad_terms(self, scale: paddle.Tensor, zeros: bool = True) -> None:
         """Track, on the device, the per-term gradient statistic ``scale`` (non-finite exactly when the
         term's gradient is, 0 exactly when it is zero): its running minimum (zero seen?) and a running sum
         of ``scale - scale`` (0, or NaN once a non-finite value was seen: IEEE addition keeps NaN, where
         Paddle's ``minimum`` / ``maximum`` drop a NaN in one argument in some versions). Every
         ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
-        gradient was non-finite or zero since the last check (their weights were kept)."""
+        gradient was non-finite or zero since the last check (their weights were kept).
+
+        ``zeros=False``: only the non-finite count (``scale`` the detached losses of a method without gradients:
+        a loss of 0 is no fault)."""
         b = self._buffers
         low, bad = b["scale_min"], b["scale_nonfinite"]
-        scale = ops.cast(scale.detach(), low.dtype)
-        b["scale_min"] = ops.minimum(low, scale)
-        ops.add_(bad, scale - scale)
+        if zeros:
+            scale = ops.cast(scale.detach(), low.dtype)
+            b["scale_min"] = ops.minimum(low, scale)
+            ops.add_(bad, scale - scale)
+        else:  # `scale` detached already (the losses): 0 * x is 0, or NaN where x is non-finite
+            ops.add_(bad, ops.scale(ops.cast(scale, bad.dtype), 0.0))
         self._host["since_check"] += 1
         if self.check_every and self._host["since_check"] >= self.check_every:
             self.check_terms()
 
+    #: what the warning of :meth:`check_terms` says happened at an update with a non-finite value
+    _nonfinite_effect = "those updates were skipped and the previous weights kept"
+
     def check_terms(self) -> dict:
-        """Warn about terms whose gradient was non-finite or zero at some update since the last check;
-        returns ``{name: (non-finite, zero)}`` flags and resets them (synchronises)."""
+        """Warn about terms whose gradient (methods without gradients: loss) was non-finite, or whose gradient
+        was zero, at some update since the last check; returns ``{name: (non-finite, zero)}`` flags and
+        resets them (synchronises)."""
         self._host["since_check"] = 0
         if self._names is None or not hasattr(self, "scale_min"):
             return {}
@@ -393,13 +484,17 @@ class Balancer(paddle.nn.Layer):
         nonfinite = [n for n, c in out.items() if c[0]]
         zero = [n for n, c in out.items() if c[1]]
         if nonfinite:
-            warnings.warn(f"{type(self).__name__}: non-finite gradient for term(s) {nonfinite} in the last "
-                          f"{self.check_every or 'few'} update(s); those updates were skipped and the previous "
-                          "weights kept", BalanceWarning, stacklevel=3)
+            what = "gradient" if self.needs_gradients else "loss"
+            warnings.warn(f"{type(self).__name__}: non-finite {what} for term(s) {nonfinite} in the last "
+                          f"{self.check_every or 'few'} update(s); {self._nonfinite_effect}",
+                          BalanceWarning, stacklevel=3)
         if zero:
-            warnings.warn(f"{type(self).__name__}: term(s) {zero} have an identically zero gradient (not "
-                          "connected to the parameters?); their weights were kept", BalanceWarning, stacklevel=3)
+            self._warn_zero_gradient(zero)
         return out
+
+    def _warn_zero_gradient(self, zero: list) -> None:
+        warnings.warn(f"{type(self).__name__}: term(s) {zero} have an identically zero gradient (not "
+                      "connected to the parameters?); their weights were kept", BalanceWarning, stacklevel=4)
 
     #: Methods whose statistics read per-term parameter gradients set this, and `_params`.
     needs_gradients = False
@@ -473,6 +568,8 @@ class Balancer(paddle.nn.Layer):
         b["lambdas"] = ops.where(ok, new, old)
         if scale is not None:
             self._record_bad_terms(scale)
+        elif self._losses_now is not None:
+            self._record_bad_terms(self._losses_now, zeros=False)
         return ok
 
     def _clip(self, w: paddle.Tensor) -> paddle.Tensor:
@@ -493,31 +590,45 @@ class Balancer(paddle.nn.Layer):
 
     # ------------------------------------------------------------------ checkpointing
 
+    #: keys a checkpoint of an older version may lack: (what they mean then)
+    _OPTIONAL_STATE = ("last_update_step", "method_utf8")
+
     def set_state_dict(self, state_dict, use_structured_name: bool = True):
-        """Load a checkpoint; refuse (and change nothing) on other names, shapes or non-finite values."""
+        """Load a checkpoint; refuse (and change nothing) on another method's state, other names, shapes,
+        non-finite values or values outside their range (negative counters, weights outside
+        ``[min_weight, max_weight]`` or negative). A checkpoint of an older version without ``method_utf8`` /
+        ``last_update_step`` loads (its method cannot be checked; no update step is known)."""
         state = dict(state_dict)
         if "names_utf8" not in state:
             raise ValueError("state_dict has no `names_utf8`: not a paddle_pinn_balance checkpoint")
+        if "method_utf8" in state:
+            method = _decode_names(state["method_utf8"])[0]
+            if method != type(self).__name__:
+                raise ValueError(f"checkpoint is the state of a {method}, not of a {type(self).__name__}")
         names = _decode_names(state["names_utf8"])
         if self._names is not None and names != self._names:
             raise ValueError(
                 f"checkpoint was saved for loss names {list(names)}, this balancer has {list(self._names)}"
             )
         own = self._expected_state(len(names))
-        missing = sorted(set(own) - set(state))
+        missing = sorted(set(own) - set(state) - set(self._OPTIONAL_STATE))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
-        arrays = {}
+        arrays = {"last_update_step": np.full([1], -1, dtype=np.int64),
+                  "method_utf8": _encode_names([type(self).__name__]).numpy()}
         for key, shape in own.items():
+            if key not in state:
+                continue
             value = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key])
             if value.dtype.kind not in "biuf":
                 raise ValueError(f"state_dict[{key!r}] is not numeric (dtype {value.dtype})")
-            if key != "names_utf8" and list(value.shape) != list(shape):
+            if shape is not None and list(value.shape) != list(shape):
                 raise ValueError(f"state_dict[{key!r}] has shape {list(value.shape)}, expected {list(shape)}")
             if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise ValueError(f"state_dict[{key!r}] holds non-finite values: {value.tolist()}")
             arrays[key] = value
+        self._check_state(arrays, names)
         if self._names is None:
             self._set_names(names)
         current = super().state_dict()  # same keys: cast each value to the dtype it is loaded into
@@ -526,9 +637,40 @@ class Balancer(paddle.nn.Layer):
         self._after_load()
         return result
 
+    def _check_state(self, arrays: dict, names: tuple) -> None:
+        """Raise ``ValueError`` naming the key if a value of a checkpoint (``arrays``, for terms ``names``) is
+        outside its valid range."""
+        for key in ("num_calls", "num_updates"):
+            _check_at_least(arrays, key, 0)
+        _check_at_least(arrays, "last_update_step", -1)
+        if int(arrays["num_updates"][0]) > int(arrays["num_calls"][0]):
+            raise ValueError(f"state_dict['num_updates'] ({int(arrays['num_updates'][0])}) exceeds "
+                             f"state_dict['num_calls'] ({int(arrays['num_calls'][0])})")
+        key = self._weight_key()
+        if key is not None:
+            w = arrays[key].astype(np.float64)
+            bounded = self._bounded_terms(names)
+            # the bounds as the weights' dtype rounds them (clipping to 0.1 in float32 stores 0.100000001)
+            low = 0.0 if self.min_weight is None else float(np.asarray(self.min_weight, arrays[key].dtype))
+            high = np.inf if self.max_weight is None else float(np.asarray(self.max_weight, arrays[key].dtype))
+            bad = [float(v) for v, b in zip(w, bounded) if b and not low <= v <= high] + [float(v) for v in w if v < 0]
+            if bad:
+                raise ValueError(f"state_dict[{key!r}] holds weights {bad} outside [{self.min_weight or 0.0}, "
+                                 f"{self.max_weight or np.inf}] (`min_weight`, `max_weight`; weights are never "
+                                 "negative)")
+
+    def _weight_key(self) -> Optional[str]:
+        """The state key of the weights whose range :meth:`_check_state` checks (``None``: none)."""
+        return None if self.learns_weights else "lambdas"
+
+    def _bounded_terms(self, names: tuple) -> list:
+        """Which terms' weights ``[min_weight, max_weight]`` applies to (all but LR annealing's references)."""
+        return [True] * len(names)
+
     def _expected_state(self, k: int) -> dict:
-        """Keys and shapes this balancer's ``state_dict`` holds for ``k`` terms."""
-        shapes = {"num_calls": [1], "num_updates": [1], "names_utf8": None}
+        """Keys and shapes this balancer's ``state_dict`` holds for ``k`` terms (``None``: any length)."""
+        shapes = {"num_calls": [1], "num_updates": [1], "last_update_step": [1], "names_utf8": None,
+                  "method_utf8": None}
         for name, p in self.named_parameters():
             shapes[name] = [k] if name == "loss_weights" else list(p.shape)
         if not self.learns_weights:
@@ -541,6 +683,10 @@ class Balancer(paddle.nn.Layer):
 
     def _after_load(self) -> None:
         self._host["calls"] = int(self.num_calls.numpy()[0])
+        last = int(self.last_update_step.numpy()[0])
+        self._host.pop("last_update_step", None)
+        if last >= 0:
+            self._host["last_update_step"] = last
         if "initialised" in self._buffers:
             self._learn_initialised(self._buffers["initialised"], now=True)
 
@@ -597,7 +743,7 @@ class Sum(Balancer):
     def _create_state(self, k):
         super()._create_state(k)
         init = [self._fixed.get(n, 1.0) for n in self._names]
-        self.lambdas.set_value(paddle.to_tensor(init, dtype="float32"))
+        self.lambdas.set_value(paddle.to_tensor(init, dtype=self.lambdas.dtype))
 
     def _total(self, values, update):
         return weighted_sum(ops.stack(values), self.lambdas)

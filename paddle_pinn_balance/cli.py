@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         "term's gradients (and NTK blocks where the problem has kernels) at a few steps; write PNGs, "
         "diagnosis.json, diagnosis.md and print the verdict.",
     )
-    diagnose.add_argument("config", help="a shipped benchmark's name (helmholtz2d, ...), a benchmark YAML or a table YAML (examples/table.yaml)")
+    diagnose.add_argument("config", help="a shipped benchmark's name (helmholtz2d, ...), a benchmark YAML or a "
+                          "table YAML (examples/table.yaml)")
     diagnose.add_argument("--steps", type=_int_at_least(1), default=None,
                           help="training iterations (default 200)")
     diagnose.add_argument("--records", type=_int_at_least(1), default=5,

@@ -110,7 +110,8 @@ def allowed_keys(name: str) -> list:
 
 
 def load_config(config) -> dict:
-    """A config dict from a mapping or a YAML file path. YAML is read with ``yaml.safe_load``."""
+    """A config dict from a mapping or a YAML file path (either at top level or under a ``balancer:`` key).
+    YAML is read with ``yaml.safe_load``."""
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
         if not os.path.isfile(path):
@@ -120,8 +121,8 @@ def load_config(config) -> dict:
                 config = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ValueError(f"malformed YAML in {path}: {e}") from None
-        if isinstance(config, Mapping) and "balancer" in config and "name" not in config:
-            config = config["balancer"]
+    if isinstance(config, Mapping) and "balancer" in config and "name" not in config:
+        config = config["balancer"]  # a file's or a dict's `balancer:` section
     if not isinstance(config, Mapping):
         raise ValueError(f"a balancer config must be a mapping with a `name` key; got {type(config).__name__}")
     return dict(config)
@@ -132,7 +133,7 @@ def build_balancer(config, model: Optional[paddle.nn.Layer] = None) -> Balancer:
 
     ``name`` is a key of :data:`REGISTRY` (``sum``, ``lr_annealing``, ``grad_norm``, ``ntk``, ``grad_norm_ratio``,
     ``relobralo``, ``softadapt``, ``uncertainty``, ``pcgrad``, ``conflict_free``, ``m_conflict_free``, ``upgrad``).
-    A YAML file may hold the mapping at top level or under a ``balancer:`` key. Unknown names or keys raise
+    A YAML file or a dict may hold the mapping at top level or under a ``balancer:`` key. Unknown names or keys raise
     ``ValueError`` listing the allowed ones; values are checked by the constructors. Nothing is evaluated.
 
     For ``grad_norm`` the model is wrapped in :class:`~paddle_pinn_balance.GradNorm` (unless it is one

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import paddle
 
 from . import ops
-from .balancer import Balancer, check_choice, check_float, check_int
+from .balancer import Balancer, BalanceWarning, check_choice, check_float, check_int
 from .gradients import (
     PARAM_SUBSETS,
     REDUCTIONS,
@@ -73,7 +75,9 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
 
     Returns ``(lambda_hat, den)``: the estimates ``[K]`` and each term's denominator statistic ``[K]``
     (:math:`\overline{|\nabla L_i|}`; for ``layer_max_ratio`` its sum over the layers). Reference terms,
-    and terms whose denominator is 0 (gradient identically zero), get their current weight. A NaN or Inf
+    and terms whose denominator is 0 (gradient identically zero), get their current weight. When no
+    reference term has a gradient (the numerator is 0: a detached or constant residual) every estimate is
+    NaN: the estimates would all be 0, and :class:`LRAnnealing` skips such an update. A NaN or Inf
     entry in ``G`` makes ``den`` of its row non-finite; the estimate may still be finite
     (:math:`\max / \infty = 0`), so a caller must check both (:class:`LRAnnealing` skips the update).
     Whole-array operations only: no host synchronisation.
@@ -108,7 +112,11 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
     else:
         hat = num / ((current * den if lambda_inside else den) + eps)
     # NaN != 0 is True: a non-finite gradient reaches the estimate and the caller skips the update
-    return ops.where(free & ops.nonzero(den), hat, current), den
+    out = ops.where(free & ops.nonzero(den), hat, current)
+    # no reference gradient (detached, constant): every estimate would be 0, the collapse of all weights; NaN
+    # instead, so that the caller skips the update
+    has_ref = paddle.any(ops.nonzero(num))
+    return out + ops.where(has_ref, ops.filled(None, 0.0, out), ops.filled(None, math.nan, out)), den
 
 
 class LRAnnealing(Balancer):
@@ -187,6 +195,9 @@ class LRAnnealing(Balancer):
         * ``eps`` is not in the paper (it guards tiny denominators). A term whose gradient is identically
           zero (not connected to the selected parameters) keeps its weight instead of getting
           ``max / eps``; non-finite estimates skip the whole update (the previous weights are kept).
+        * A reference term without gradient (detached, or constant) would give every other term the
+          estimate 0 and drive its weight to 0: such an update is skipped (every weight kept), and the
+          warning every ``check_every`` updates names the reference term.
 
     References:
         S. Wang, Y. Teng, P. Perdikaris. Understanding and mitigating gradient flow pathologies in
@@ -274,6 +285,24 @@ class LRAnnealing(Balancer):
         if self.min_weight is None and self.max_weight is None:
             return w
         return paddle.where(self._free, super()._clip(w), w)
+
+    def _bounded_terms(self, names):
+        return [n not in self.ref for n in names]
+
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        if np.any(arrays["lambdas"] <= 0):  # the siam estimate divides by the weight
+            raise ValueError(f"state_dict['lambdas'] must be positive; got {arrays['lambdas'].tolist()}")
+
+    def _warn_zero_gradient(self, zero):
+        refs = [n for n in zero if n in self.ref]
+        if refs:
+            warnings.warn(f"LRAnnealing: reference term(s) {refs} had an identically zero gradient (detached, or "
+                          "constant?): an update where no reference term had a gradient was skipped and every "
+                          "weight kept (its estimates would all be 0)", BalanceWarning, stacklevel=4)
+        others = [n for n in zero if n not in self.ref]
+        if others:
+            super()._warn_zero_gradient(others)
 
     needs_gradients = True
 

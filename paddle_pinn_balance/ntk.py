@@ -129,9 +129,13 @@ class NTKWeighting(Balancer):
           non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`), with a warning naming the term.
         * Before the first update every weight is 1, and the weights are applied from the first call
           (PhysicsNeMo multiplies the losses by 0 until its first update). The EMA starts from 1, as jaxpi.
-        * On the fast path a kernel with several chunks is called once per chunk (global random states reset
-          before each call); it must be pointwise (entry ``p`` depends on row ``p`` of the model's input only).
-          Use ``path="loop"`` for kernels that mix points.
+        * On the fast path a kernel is called once; it must be pointwise (entry ``p`` depends on row ``p`` of
+          the model's input only), else it is called again for the exact loop (a sampling kernel draws new
+          points then: no global random state is saved or rewound, other threads' draws are left alone). Use
+          ``path="loop"`` for kernels that mix points. A kernel's values in another floating dtype than the
+          model's (a float64 forcing term) are cast to the model's.
+        * Two NTK balancers updating at once in two threads of one process crash it: Paddle's own
+          ``paddle.grad(..., create_graph=True)`` is not safe in concurrent threads.
         * With ``mode="grad_norm"`` and ``reduction="sum"`` this is PaddleScience's ``NTK`` (a ratio of
           gradient norms); it is offered under that explicit name only.
 
@@ -217,10 +221,16 @@ class NTKWeighting(Balancer):
 
     def _create_state(self, k):
         super()._create_state(k)
-        self.register_buffer("traces_buf", paddle.zeros([k], dtype="float32"))
+        self.register_buffer("traces_buf", paddle.zeros([k], dtype=self._state_dtype()))
 
     def _extra_state_shapes(self, k):
         return {"traces_buf": [k]}
+
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        if np.any(arrays["traces_buf"] < 0):
+            raise ValueError(f"state_dict['traces_buf'] must be >= 0 (traces, norms); got "
+                             f"{arrays['traces_buf'].tolist()}")
 
     # ------------------------------------------------------------------ statistics -> weights
 

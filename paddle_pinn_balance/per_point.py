@@ -40,10 +40,8 @@ meanwhile.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
-import numpy as np
 import paddle
 
 from . import expanded
@@ -93,29 +91,25 @@ class _BadKernel(ValueError):
     """The kernel's output is not one value per point (raised on either path)."""
 
 
-def _as_vector(out, name: str) -> paddle.Tensor:
+def _as_vector(out, name: str, dtype=None) -> paddle.Tensor:
+    """The kernel's values as ``[N]``; float64 values of a model of parameters' dtype ``dtype`` (float32: a
+    float64 forcing term added to the residual) are cast to ``dtype``: their per-point gradients are the
+    model's, and the fast path's checks work in the model's precision."""
     if not isinstance(out, paddle.Tensor):
         raise _BadKernel(f"kernel {name!r} must return a paddle.Tensor of shape [N] or [N, 1]; "
                          f"got {type(out).__name__}")
     shape = list(out.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
         raise _BadKernel(f"kernel {name!r} must return one value per point, shape [N] or [N, 1]; got shape {shape}")
-    return out.reshape([-1])
-
-
-def _rng_state():
-    return paddle.get_rng_state(), np.random.get_state(), random.getstate()
-
-
-def _set_rng_state(state) -> None:
-    paddle.set_rng_state(state[0])
-    np.random.set_state(state[1])
-    random.setstate(state[2])
+    out = out.reshape([-1])
+    if dtype is not None and out.dtype == paddle.float64 and dtype != paddle.float64:
+        out = out.astype(dtype)  # wider than the model: its extra digits are not the model's
+    return out
 
 
 def _loop(model, kernel, name, params):
     """Per-point squared norms, one ``paddle.grad`` per point (exact for any model and kernel)."""
-    f = _as_vector(kernel(model), name)
+    f = _as_vector(kernel(model), name, params[0].dtype if params else None)
     n = int(f.shape[0])
     if f.stop_gradient:
         return paddle.zeros([n], dtype=f.dtype)
@@ -151,8 +145,10 @@ def per_point_sq_grad_norms(
     Args:
         model: the network (a ``paddle.nn.Layer``).
         kernel: ``kernel(model) -> Tensor[N] or [N, 1]`` (see the module docstring), called with ``model``
-            itself: once, or twice where the fast path falls back (paddle's, numpy's and Python's global random
-            states are reset in between, so that a sampling kernel draws the same points).
+            itself: once, or twice where the fast path falls back. The global random states (Paddle's, NumPy's,
+            Python's) are never saved or restored here (another thread may be drawing from them): a kernel that
+            samples its points draws again for the loop, whose points are then the ones used (the fast path's
+            result is discarded).
         chunk_size: on the fast path, at most this many points per slice where per-point gradients of a tensor
             are formed (``[points, *shape]``: tensors derived from parameters such as weight-normalised
             weights, elementwise parameters, and layers where that is cheaper than the ghost norm; slices are
@@ -176,14 +172,14 @@ def per_point_sq_grad_norms(
     if not callable(kernel):
         raise ValueError(f"kernel {name!r} must be callable as kernel(model); got {type(kernel).__name__}")
     params = trainable_parameters(model)
+    dtype = params[0].dtype if params else None
     result, ran = None, Path("loop", "path='loop' was asked for")
     if path != "loop":
-        state = _rng_state()
         try:
             if not isinstance(model, paddle.nn.Layer):
                 raise _Unsupported(f"the model is a {type(model).__name__}, not a paddle.nn.Layer")
             result = expanded.per_point_sq_norms(model, kernel, params, _names(model),
-                                                 lambda out: _as_vector(out, name), chunk_size, check_points)
+                                                 lambda out: _as_vector(out, name, dtype), chunk_size, check_points)
             ran = Path("expanded")
         except _BadKernel:
             raise
@@ -195,8 +191,6 @@ def per_point_sq_grad_norms(
             if path == "expanded":
                 raise
             ran = Path("loop", f"the fast path failed: {type(e).__name__}: {e}")
-        if result is None:
-            _set_rng_state(state)  # the loop's kernel call draws what the fast path's drew
     if result is None:
         result = _loop(model, kernel, name, params)
     result = result.detach()

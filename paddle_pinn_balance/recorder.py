@@ -6,7 +6,9 @@ differentiates are untouched, so a run with recording is bit for bit the run wit
 (``tests/test_diagnose.py`` compares parameters and weights). Kernels (``{term: kernel(model) -> [N]}``, as
 :class:`~paddle_pinn_balance.NTKWeighting` takes them) add each block's exact NTK trace (all ``N`` points,
 :func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms`) and the eigenvalues of the block on
-``ntk_points`` of its points (one ``paddle.grad`` per point; the random states are restored afterwards).
+``ntk_points`` of its points (one ``paddle.grad`` per point). The global random states are never saved or
+rewound (another thread may own them): a kernel that draws random numbers advances them, and then the run with
+recording differs from the run without it; kernels on fixed points (the benchmarks', PaddleScience's) do not.
 The statistics and the verdict are :mod:`paddle_pinn_balance.diagnose`; the pictures
 :mod:`paddle_pinn_balance.diagnose_plots`.
 """
@@ -23,7 +25,7 @@ import paddle
 from . import diagnose as dg
 from .balancer import check_int
 from .gradients import trainable_parameters
-from .per_point import _as_vector, _rng_state, _set_rng_state, per_point_sq_grad_norms
+from .per_point import _as_vector, per_point_sq_grad_norms
 
 __all__ = ["Diagnosis", "attach_diagnosis"]
 
@@ -143,19 +145,15 @@ class Diagnosis:
         return rec
 
     def _ntk(self) -> dict:
-        state = _rng_state()  # a kernel that draws its points must not move the training's generators
-        try:
-            out = {"trace": {}, "points": {}, "subset": {}, "eigenvalues": {}, "subset_trace": {}}
-            for name, kernel in self.kernels.items():
-                sq = per_point_sq_grad_norms(self.model, kernel, name=name)
-                out["trace"][name] = float(sq.sum().numpy())
-                out["points"][name] = int(sq.shape[0])
-                if self.ntk_points:
-                    eig, m = self._spectrum(name, kernel)
-                    out["eigenvalues"][name], out["subset"][name] = eig.tolist(), m
-                    out["subset_trace"][name] = float(eig.sum())
-        finally:
-            _set_rng_state(state)
+        out = {"trace": {}, "points": {}, "subset": {}, "eigenvalues": {}, "subset_trace": {}}
+        for name, kernel in self.kernels.items():
+            sq = per_point_sq_grad_norms(self.model, kernel, name=name)
+            out["trace"][name] = float(sq.sum().numpy())
+            out["points"][name] = int(sq.shape[0])
+            if self.ntk_points:
+                eig, m = self._spectrum(name, kernel)
+                out["eigenvalues"][name], out["subset"][name] = eig.tolist(), m
+                out["subset_trace"][name] = float(eig.sum())
         ref = self.ref if self.ref in out["trace"] else dg.reference_term(list(out["trace"]))
         traces = np.array(list(out["trace"].values()))
         ratios = dg.log_scale_ratios(traces, list(out["trace"]).index(ref))

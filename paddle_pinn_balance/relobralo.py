@@ -127,17 +127,21 @@ class ReLoBRaLo(Balancer):
 
     def _create_state(self, k):
         super()._create_state(k)
-        self.register_buffer("init_losses", paddle.ones([k], dtype="float32"))
-        self.register_buffer("prev_losses", paddle.ones([k], dtype="float32"))
+        self.register_buffer("init_losses", paddle.ones([k], dtype=self._state_dtype()))
+        self.register_buffer("prev_losses", paddle.ones([k], dtype=self._state_dtype()))
         self.register_buffer("initialised", paddle.zeros([k], dtype="bool"))  # an update has taken L(0)
         self.register_buffer("lookback_seed", paddle.to_tensor([self.seed], dtype="int64"))
 
     def _extra_state_shapes(self, k):
         return {"init_losses": [k], "prev_losses": [k], "initialised": [k], "lookback_seed": [1]}
 
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        check_int("state_dict['lookback_seed']", int(arrays["lookback_seed"][0]), minimum=0)
+
     def _after_load(self):
         super()._after_load()
-        self.seed = check_int("lookback_seed", int(self.lookback_seed.numpy()[0]), minimum=0)
+        self.seed = int(self.lookback_seed.numpy()[0])
 
     def _update(self, values):
         b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer

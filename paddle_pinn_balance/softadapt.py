@@ -83,7 +83,7 @@ class SoftAdapt(Balancer):
 
     def _create_state(self, k):
         super()._create_state(k)
-        self.register_buffer("prev_losses", paddle.zeros([k], dtype="float32"))
+        self.register_buffer("prev_losses", paddle.zeros([k], dtype=self._state_dtype()))
         self.register_buffer("initialised", paddle.zeros([k], dtype="bool"))  # an update has taken L(t-1)
 
     def _extra_state_shapes(self, k):

@@ -25,48 +25,73 @@ def _gram(G: paddle.Tensor) -> paddle.Tensor:
     return paddle.matmul(G, G, transpose_y=True)
 
 
-def pcgrad_coefficients(gram: paddle.Tensor, order: Sequence[int], eps: float = 0.0) -> paddle.Tensor:
+def _orders(order, k: int) -> np.ndarray:
+    """``order`` as a ``[K, K]`` integer array, row ``i`` the order term ``i`` takes the others in."""
+    a = np.asarray(order, dtype=np.int64)
+    if a.ndim == 1:
+        a = np.tile(a, (k, 1))
+    if a.shape != (k, k) or any(sorted(row) != list(range(k)) for row in a.tolist()):
+        raise ValueError(f"`order` must be a permutation of range({k}) or {k} of them (one per term); got {order!r}")
+    return a
+
+
+def pcgrad_coefficients(gram: paddle.Tensor, order, eps: float = 0.0) -> paddle.Tensor:
     """Coefficients ``c`` (``[K]``) with ``pcgrad_direction(G, order) = c^T G``, from ``gram = G G^T``.
 
-    Row ``i`` of ``C`` holds ``g_i^{PC}`` in the basis of the original gradients; projecting out ``g_j``
-    changes only column ``j``. No host synchronisation (the conflict test is a ``minimum``)."""
+    Row ``i`` of ``C`` holds ``g_i^{PC}`` in the basis of the original gradients; at position ``t`` every
+    row ``i`` projects out its own ``j = order[i][t]`` (``E_t``: the one-hot matrix of those ``j``), which
+    changes only ``C[i, j]``. No host synchronisation (the conflict test is a ``minimum``)."""
     k = gram.shape[0]
+    orders = _orders(order, k)
     C = paddle.eye(k, dtype=gram.dtype)
-    off = 1.0 - paddle.eye(k, dtype=gram.dtype)
     diag = paddle.diagonal(gram)
-    for j in order:
-        dots = paddle.matmul(C, gram[:, j])  # g_i^PC . g_j for every i
-        coef = paddle.minimum(dots, paddle.zeros_like(dots)) / (diag[j] + eps) * off[:, j]
-        C[:, j] = C[:, j] - coef
+    eye = np.eye(k)
+    for t in range(k):
+        js = orders[:, t]
+        own = js == np.arange(k)  # j == i: a zero row of E, nothing projected (1 keeps 0 / den finite)
+        E = paddle.to_tensor(eye[js] * ~own[:, None], dtype=gram.dtype)
+        dots = (paddle.matmul(C, gram) * E).sum(axis=1)  # g_i^PC . g_j for every i, j = order[i][t]
+        den = paddle.matmul(E, diag) + paddle.to_tensor(own + eps, dtype=gram.dtype)
+        coef = paddle.minimum(dots, paddle.zeros_like(dots)) / den
+        C = C - coef.unsqueeze(1) * E
     return C.sum(axis=0)
 
 
-def pcgrad_direction(G: paddle.Tensor, order: Sequence[int], eps: float = 0.0) -> paddle.Tensor:
+def pcgrad_direction(G: paddle.Tensor, order, eps: float = 0.0) -> paddle.Tensor:
     r"""PCGrad (Yu et al., NeurIPS 2020, Algorithm 1): the sum of the "projected conflicting gradients".
 
     .. math::
 
         g_i^{PC} \leftarrow g_i^{PC} - \frac{\min(g_i^{PC}\cdot g_j,\,0)}{\|g_j\|^2}\, g_j
-        \quad (j \in \texttt{order},\ j \ne i), \qquad d = \sum_i g_i^{PC},
+        \quad (j \in \texttt{order}_i,\ j \ne i), \qquad d = \sum_i g_i^{PC},
 
     starting from :math:`g_i^{PC} = g_i` (Algorithm 1 lines 4-8; the :math:`\min(\cdot, 0)` is the
-    "if :math:`g_i \cdot g_j < 0`" test). Every term takes the other terms in the same ``order``
-    (a permutation of ``range(K)``; the paper shuffles per term, which is the same in law for K = 2).
+    "if :math:`g_i \cdot g_j < 0`" test). Term ``i`` takes the other terms in its own order
+    ``order[i]`` (the paper draws a random order per term, as does TorchJD's ``PCGrad``).
 
     Args:
         G: ``[K, P]`` per-term gradients (rows ``g_i``).
-        order: the order in which the other terms are projected out.
+        order: ``K`` permutations of ``range(K)``, one per term (``[K, K]``), or one permutation that every
+            term takes.
         eps: added to :math:`\|g_j\|^2` (a zero gradient then projects nothing).
     """
     return paddle.matmul(pcgrad_coefficients(_gram(G), order, eps), G)
 
 
 def config_coefficients(gram: paddle.Tensor, eps: float = 1e-12, rcond: float = 1e-6) -> paddle.Tensor:
-    """Coefficients ``c`` with ``config_direction(G) = c^T G``, from ``gram = G G^T`` (float64 solve)."""
+    r"""Coefficients ``c`` with ``config_direction(G) = c^T G``, from ``gram = G G^T`` (float64 solve).
+
+    ``rcond`` cuts the singular values :math:`\sigma` of the unit-row matrix relative to the largest; the
+    eigenvalues of its Gram matrix ``U`` are :math:`\sigma^2`, so the pseudo-inverse of ``U`` cuts at
+    ``rcond ** 2``."""
     A = gram.astype("float64")
+    # a non-finite gradient: solve with 0 in its place (an eigensolver raises on NaN); the direction c^T G is
+    # non-finite anyway, as the plain sum's gradient
+    A = paddle.where(paddle.isfinite(A), A, paddle.zeros_like(A))
     norms = paddle.sqrt(paddle.clip(paddle.diagonal(A), min=0.0)) + eps
     U = A / norms.unsqueeze(1) / norms.unsqueeze(0)  # Gram of the unit gradients
-    y = paddle.matmul(paddle.linalg.pinv(U, rcond=rcond, hermitian=True), paddle.ones([A.shape[0]], "float64"))
+    y = paddle.matmul(paddle.linalg.pinv(U, rcond=rcond * rcond, hermitian=True),
+                      paddle.ones([A.shape[0]], "float64"))
     a = y / norms  # pinv(U^T) 1 = sum_i a_i g_i  (the minimum-norm solution of U x = 1)
     Ga = paddle.matmul(A, a)
     s = Ga.sum() / (paddle.dot(a, Ga) + eps)  # (sum_i g_i . g_u) / ||sum_i a_i g_i||, g_u = unit(G^T a)
@@ -83,15 +108,27 @@ def config_direction(G: paddle.Tensor, eps: float = 1e-12, rcond: float = 1e-6) 
 
     :math:`\mathcal{U}(x) = x / \|x\|`, :math:`^{+}` the Moore-Penrose pseudo-inverse: ``d`` has the same
     positive cosine with every :math:`g_i` (when the unit gradients are linearly independent).
-    The pseudo-inverse is taken of the ``m x m`` Gram matrix of the unit gradients in float64 with
-    relative cutoff ``rcond`` (stable for nearly parallel gradients: their common direction is kept).
+    The pseudo-inverse is taken of the ``m x m`` Gram matrix of the unit gradients in float64, dropping the
+    singular values of the unit-gradient matrix below ``rcond`` times the largest (eigenvalues of the Gram
+    matrix below ``rcond**2`` times the largest), as ``conflictfree``'s least-squares solve does for all but
+    numerically dependent rows: nearly parallel gradients keep every direction and equal cosines.
     """
     return paddle.matmul(config_coefficients(_gram(G), eps, rcond), G)
 
 
+def _nnls():
+    """SciPy's ``nnls`` (UPGrad's QP solver), or an ImportError that names the extra to install."""
+    try:
+        from scipy.optimize import nnls
+    except ImportError as e:
+        raise ImportError("UPGrad needs SciPy (scipy.optimize.nnls): pip install 'paddle_pinn_balance[upgrad]' "
+                          f"(or pip install scipy); {e}") from None
+    return nnls
+
+
 def _dual_cone_weights(A: np.ndarray) -> np.ndarray:
     """For each ``i``: ``argmin_{w >= e_i} w^T A w`` (A PSD, ``K x K``), exactly by NNLS. Rows: the ``w``."""
-    from scipy.optimize import nnls
+    nnls = _nnls()
 
     k = A.shape[0]
     s, V = np.linalg.eigh((A + A.T) / 2)
@@ -104,8 +141,12 @@ def _dual_cone_weights(A: np.ndarray) -> np.ndarray:
 
 
 def upgrad_coefficients(gram: paddle.Tensor) -> paddle.Tensor:
-    """Coefficients ``c`` with ``upgrad_direction(G) = c^T G`` (the ``K x K`` QPs solved on the host)."""
+    """Coefficients ``c`` with ``upgrad_direction(G) = c^T G`` (the ``K x K`` QPs solved on the host). A
+    non-finite ``gram`` (a NaN or Inf gradient) has no projection: the coefficients are all 1, the plain
+    sum's (whose gradient is then non-finite too), as every other method delivers."""
     A = gram.numpy().astype(np.float64)
+    if not np.all(np.isfinite(A)):
+        return paddle.ones([A.shape[0]], dtype=gram.dtype)
     scale = max(float(np.max(np.abs(np.diag(A)))), 1e-300)
     W = _dual_cone_weights(A / scale)
     return paddle.to_tensor(W.mean(axis=0), dtype=gram.dtype)
@@ -141,11 +182,16 @@ class _Surgery(Balancer):
         super().__init__(loss_names=loss_names, update_freq=check_int("update_freq", update_freq),
                          assemble=True, check_every=check_every)
 
+    #: a non-finite gradient is not skipped (there is no weight to keep): the direction is non-finite
+    _nonfinite_effect = "the direction of those updates was non-finite, as the plain sum's gradient would be"
+
     def _update_from_gradients(self, losses, G):
         return None  # no weights to learn: the combination is in `_direction`
 
     def _direction(self, G, w):
-        return paddle.matmul(self._coefficients(_gram(G)), G)
+        gram = _gram(G)
+        self._record_bad_terms(paddle.diagonal(gram))  # ||g_i||^2: non-finite or 0 exactly when g_i is
+        return paddle.matmul(self._coefficients(gram), G)
 
 
 _CADENCE = """
@@ -159,8 +205,9 @@ class PCGrad(_Surgery):
     __doc__ = r"""PCGrad (Yu et al., NeurIPS 2020) as a balancer: :func:`pcgrad_direction` on update steps.
 
     The total's value is :math:`\sum_i L_i`; its backward delivers :math:`d = \sum_i g_i^{PC}`
-    (times any factor on the total). The order is drawn from a NumPy generator seeded with
-    ``(seed, draw number)``; the draw number is saved in the ``state_dict`` (bit-exact resume).
+    (times any factor on the total). At each update every term draws its own order of the others (the
+    paper's Algorithm 1), ``K`` permutations from a NumPy generator seeded with ``(seed, draw number)``; the
+    draw number is saved in the ``state_dict`` (bit-exact resume).
 """ + _CADENCE + r"""
 
     Args:
@@ -181,7 +228,6 @@ class PCGrad(_Surgery):
         {'a': 1.0, 'b': 1.0}
 
     Note:
-        One order for all terms per step (the paper's code shuffles per term; equal in law for 2 terms).
         ``ppsci.loss.mtl.PCGrad`` runs one backward per term plus the solver's; here ``G`` is reused.
 
     References:
@@ -199,13 +245,22 @@ class PCGrad(_Surgery):
     def _extra_state_shapes(self, k):
         return {"pcgrad_draws": [1]}
 
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        check_int("state_dict['pcgrad_draws']", int(arrays["pcgrad_draws"][0]), minimum=0)
+
     def _after_load(self):
         super()._after_load()
         self._draws = int(self.pcgrad_draws.numpy()[0])
 
+    def orders(self, k: int, draw: int) -> np.ndarray:
+        """The ``[k, k]`` orders of update number ``draw`` (row ``i``: term ``i``'s order)."""
+        rng = np.random.default_rng([self.seed, draw])
+        return np.stack([rng.permutation(k) for _ in range(k)])
+
     def _coefficients(self, gram):
         k = gram.shape[0]
-        order = np.random.default_rng([self.seed, self._draws]).permutation(k).tolist()
+        order = self.orders(k, self._draws)
         self._draws += 1
         paddle.assign(paddle.full([1], self._draws, dtype="int64"), self.pcgrad_draws)
         return pcgrad_coefficients(gram, order, self.pc_eps)
@@ -243,11 +298,20 @@ class UPGrad(_Surgery):
 """ + _CADENCE + r"""
 
     Note:
-        The ``m x m`` dual-cone QPs are solved on the host (one small device-to-host copy per update).
+        * The ``m x m`` dual-cone QPs are solved on the host (one small device-to-host copy per update) by
+          SciPy's ``nnls``: install the extra, ``pip install 'paddle_pinn_balance[upgrad]'`` (construction
+          raises ``ImportError`` naming it otherwise).
+        * A non-finite gradient has no projection: that update delivers the plain sum's (non-finite)
+          gradient, as PCGrad and ConFIG do, and the warning every ``check_every`` updates names the term.
 
     References:
         P. Quinton, V. Rey. Jacobian descent for multi-objective optimization. arXiv:2406.16232, 2024.
     """
+
+    def __init__(self, model, update_freq: int = 1, loss_names: Optional[Sequence[str]] = None,
+                 check_every: int = 100):
+        _nnls()  # SciPy is an extra: say so now, not at the first update
+        super().__init__(model, update_freq, loss_names, check_every)
 
     def _coefficients(self, gram):
         return upgrad_coefficients(gram)
@@ -364,6 +428,12 @@ class MConFIG(_Surgery):
         return {"momenta": [k, n], "momentum_counts": [k], "pseudo_momentum": [n], "second_momentum": [n],
                 "direction_count": [1], "mconfig_turn": [1]}
 
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        for key in ("mconfig_turn", "momentum_counts", "direction_count"):
+            if np.any(arrays[key] < 0):
+                raise ValueError(f"state_dict[{key!r}] must be >= 0 (a count); got {arrays[key].tolist()}")
+
     def _after_load(self):
         super()._after_load()
         self._turn = int(self.mconfig_turn.numpy()[0])
@@ -380,11 +450,24 @@ class MConFIG(_Surgery):
             d = self._step(i, g)
         return assembled_total(losses, self.lambdas, d, self._params)
 
+    _nonfinite_effect = "those steps were skipped (momenta kept, direction zero)"
+
+    def _record_turn(self, i: int, g: paddle.Tensor) -> None:
+        """The non-finite / zero bookkeeping of the term whose turn it is (the others count as fine)."""
+        masks = self.__dict__.setdefault("_turn_masks", {})
+        k = self.momenta.shape[0]
+        mask = masks.get((i, k))
+        if mask is None:
+            mask = masks[(i, k)] = paddle.to_tensor(np.arange(k) == i)
+        one = ops.filled(k, 1.0, g)
+        self._record_bad_terms(ops.where(mask, ops.expand(ops.total(g * g), [k]), one))
+
     def _step(self, i: int, g: paddle.Tensor) -> paddle.Tensor:
         """Update term ``i``'s momentum with its gradient ``g``; the direction to deliver (device-side)."""
         b1, b2 = self.beta_1, self.beta_2
         M, counts = self.momenta, self.momentum_counts
         ok = ops.all_finite(g)
+        self._record_turn(i, g)
         row = M[i]
         M[i] = ops.where(ok, b1 * row + (1.0 - b1) * g, row)
         counts[i] = counts[i] + ops.cast(ok, counts.dtype)

@@ -38,6 +38,7 @@ class UncertaintyWeighting(Balancer):
         loss_names: the term names. Needed at construction when the optimizer is built before the first
             call (the parameter is created with the names); else created at the first call.
         init_log_var: initial :math:`s_j` (default 0: every weight 1/2).
+        check_every: every this many steps, warn naming the terms whose loss was non-finite (0: never).
 
     Example:
         >>> import paddle
@@ -57,7 +58,8 @@ class UncertaintyWeighting(Balancer):
           does not work; here it does (one graph, tested with ``ppsci.optimizer.LBFGS``).
         * Non-finite losses: the total is a graph, so nothing can be skipped inside it; the optimizer sees
           whatever autograd gives (NaN gradients for :math:`s`, as for the network), and skipping such a
-          step is the job of the loop (e.g. ``GradScaler``). A checkpoint with non-finite :math:`s` is
+          step is the job of the loop (e.g. ``GradScaler``); a warning every ``check_every`` steps names the
+          terms that were non-finite. A checkpoint with non-finite :math:`s` is
           refused by ``set_state_dict``.
         * Data-parallel: :math:`s` lives outside ``DataParallel``; its gradient is averaged over the ranks in
           the total's backward (:func:`~paddle_pinn_balance.gradients.rank_mean_gradient`), like the network's
@@ -66,9 +68,10 @@ class UncertaintyWeighting(Balancer):
 
     learns_weights = True
 
-    def __init__(self, loss_names: Optional[Sequence[str]] = None, init_log_var: float = 0.0):
+    def __init__(self, loss_names: Optional[Sequence[str]] = None, init_log_var: float = 0.0,
+                 check_every: int = 100):
         self.init_log_var = check_float("init_log_var", init_log_var)
-        super().__init__(loss_names=loss_names, update_freq=1)
+        super().__init__(loss_names=loss_names, update_freq=1, check_every=check_every)
 
     def _create_state(self, k):
         super()._create_state(k)
@@ -82,9 +85,16 @@ class UncertaintyWeighting(Balancer):
     def _weight_vector(self):
         return (0.5 * paddle.exp(-self.log_vars)).detach()
 
+    #: nothing is skipped: the total is a graph
+    _nonfinite_effect = ("the total and its gradients were non-finite at those steps (the total is a graph: "
+                         "nothing can be skipped inside it; skip such steps in the loop)")
+
     def _total(self, values, update):
+        stacked = ops.stack(values)
+        if update:  # counted for the warning every `check_every` steps (device-side)
+            self._record_bad_terms(stacked.detach(), zeros=False)
         # data-parallel: log_vars are outside DataParallel; their gradient is averaged over the ranks here
-        return uncertainty_total(ops.stack(values), rank_mean_gradient(self.log_vars))
+        return uncertainty_total(stacked, rank_mean_gradient(self.log_vars))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, init_log_var={self.init_log_var}"

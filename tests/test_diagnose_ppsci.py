@@ -33,6 +33,7 @@ def test_solver_hook_records_and_leaves_training_unchanged(name, tmp_path):
     assert {f.rsplit("/", 1)[-1] for f in files} >= {"diagnosis.json", "diagnosis.md", "ratios_cosines.png"}
     diag.remove()
     n = len(diag.records)
+    agg.restart_steps()  # a second run of the same Solver counts its steps from 0 again
     train(solver)
     assert len(diag.records) == n  # detached
 

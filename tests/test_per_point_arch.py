@@ -408,9 +408,10 @@ def test_interception_is_removed_after_every_call():
     assert after == before and expanded._ACTIVE is None
 
 
-def test_fallback_draws_the_same_points_as_one_call():
-    """A sampling kernel on a model that falls back: the loop sees the fast attempt's points, and the global
-    random state advances as by one kernel call."""
+def test_fallback_draws_again_and_rewinds_no_random_state():
+    """A sampling kernel on a model that falls back: the global random states are not rewound (another thread
+    may draw from them), so the loop's kernel call draws the next points, and the loop's result is that of
+    those points; the global state advances as by two kernel calls."""
     net = _seeded(ExpScaleNet)()
 
     def sampler(model):
@@ -420,6 +421,7 @@ def test_fallback_draws_the_same_points_as_one_call():
     got, ran = per_point_sq_grad_norms(net, sampler, return_path=True)
     after = paddle.rand([1]).numpy()
     paddle.seed(5)
+    paddle.rand([6, 2], dtype=_dtype())  # the fast attempt's draw
     ref = per_point_sq_grad_norms(net, sampler, path="loop").numpy()
     assert ran == "loop"
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)

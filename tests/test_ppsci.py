@@ -194,7 +194,7 @@ def test_resume_with_other_loss_names_fails_clearly(name, tmp_path):
 
 
 def test_resume_without_known_names_fails_at_the_first_step(tmp_path):
-    first, _, _ = make_solver({"name": "sum"}, tmp_path / "a", epochs=1, iters=3)
+    first, _, _ = make_solver(CONFIGS["lr_annealing"], tmp_path / "a", epochs=1, iters=3)
     train(first)
     ppsci.utils.misc.set_random_seed(0)
     ckpt = str(tmp_path / "a" / "checkpoints" / "latest")
@@ -206,6 +206,14 @@ def test_resume_without_known_names_fails_at_the_first_step(tmp_path):
                                      loss_aggregator=agg, checkpoint_path=ckpt)
     with pytest.raises(ValueError, match="loss names changed"):
         train(solver)
+
+
+def test_resume_from_another_method_is_refused(tmp_path):
+    first, _, _ = make_solver({"name": "sum"}, tmp_path / "a", epochs=1, iters=3)
+    train(first)
+    ckpt = str(tmp_path / "a" / "checkpoints" / "latest")
+    with pytest.raises(ValueError, match="state of a Sum, not of a LRAnnealing"):
+        make_solver(CONFIGS["lr_annealing"], tmp_path / "b", epochs=2, iters=3, checkpoint_path=ckpt)
 
 
 # --------------------------------------------------------------------------- configuration
