@@ -203,7 +203,7 @@ class _Recorder:
         """A tracked tensor computed from tracked tensors and constants: ``compute(*values)``."""
         values = [o.value if isinstance(o, _Node) else o for o in operands]
         value = compute(*values).detach()
-        tensor = EagerParamBase(value, requires_grad=True)  # a Parameter: its operations are intercepted too
+        tensor = EagerParamBase.from_tensor(value)  # a Parameter (its operations are intercepted too); shares value
         names = ", ".join(o.name for o in operands if isinstance(o, _Node))
         return self._add(_Node(self, tensor, value, f"{what}({names})", operands, replay)).tensor
 
