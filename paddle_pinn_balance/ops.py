@@ -97,7 +97,7 @@ def _public_total(x):
 
 
 def _public_row_max(x):
-    return paddle.max(x, axis=1)
+    return paddle.amax(x, axis=1)  # paddle.max warns once per process on Paddle 3.2 ("Non compatible API")
 
 
 def _public_sqrt(x):
@@ -321,7 +321,7 @@ def _c_dot(x, y):
     return _C.dot(x, y)
 
 
-@_pair(_public_cast, lambda f: f(_V(), paddle.float64))
+@_pair(_public_cast, lambda f: [f(_V(), paddle.float64), f(_V(), "float64")])  # Paddle < 3.2: no str dtype
 def _c_cast(x, dtype):
     return x if x.dtype == dtype else _C.cast(x, dtype)
 
@@ -456,7 +456,7 @@ _CONSTANTS: dict = {}
 def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
     """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor) in ``like``'s dtype and place. Never
     written to."""
-    key = (n, value, like.dtype, like.place)  # places compare and hash by device
+    key = (n, value, like.dtype, str(like.place))  # "Place(cpu)": equal places are unequal objects on Paddle 3.0
     v = _CONSTANTS.get(key)
     if v is None:
         v = _CONSTANTS[key] = _full([] if n is None else [n], value, like.dtype, like.place)
