@@ -13,6 +13,11 @@ tensor, gives exactly what the public form gives (a renamed operator or a change
 the public form). ``PADDLE_PINN_BALANCE_PUBLIC_OPS=1`` forces the public forms everywhere. ``PRIVATE`` and
 ``PUBLIC`` map each name to its form; ``FALLBACKS`` lists the names that run in their public form.
 ``tests/test_ops.py`` checks both forms against the public Paddle functions, forward and backward.
+
+What differs between the supported Paddle versions (3.0.0 - 3.3.1, measured): before 3.2 the private
+``cast`` takes no ``str`` dtype (its probe passes one: ``cast`` runs in its public form there); on 3.0 two
+equal ``Place`` objects compare unequal (the constant cache of :func:`filled` keys by ``str(place)``); on 3.2
+``paddle.max`` warns at its first call (the public ``row_max`` is ``paddle.amax``).
 """
 
 from __future__ import annotations
