@@ -1,5 +1,6 @@
 """What the cost benchmarks share: the thread count (import this module before paddle; ``--threads N`` on the
-command line, default 1), the clock, and the amortised ratio of a step to a plain one."""
+command line, default 1), the device (``--device``), the clock, and the amortised ratio of a step to a plain
+one."""
 
 import os
 import statistics
@@ -16,6 +17,20 @@ def _threads_from_argv() -> str:
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, _threads_from_argv())
+
+
+def add_device_argument(parser) -> None:
+    """``--device NAME`` (``cpu``, ``gpu:0``, ...; default ``$PADDLE_PINN_BALANCE_DEVICE``, else Paddle's default:
+    the GPU of a GPU build); :func:`use_device` applies it."""
+    parser.add_argument("--device", default=os.environ.get("PADDLE_PINN_BALANCE_DEVICE") or None,
+                        help="Paddle device (cpu, gpu:0, ...); default $PADDLE_PINN_BALANCE_DEVICE, else Paddle's")
+
+
+def use_device(name) -> None:
+    if name:
+        import paddle
+
+        paddle.set_device(name)
 
 
 def clock() -> float:

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
-from _common import clock  # noqa: E402  (imported first: sets the thread count before paddle loads)
+from _common import add_device_argument, clock, use_device  # noqa: E402  (imported first: sets the thread count before paddle loads)
 
 from paddle_pinn_balance import expanded  # noqa: E402
 from paddle_pinn_balance.per_point import per_point_sq_grad_norms  # noqa: E402
@@ -331,9 +331,9 @@ def main():
     ap.add_argument("--points", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--cost-repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (read by _common before paddle loads)")
+    add_device_argument(ap)
     args = ap.parse_args()
-    if not paddle.device.is_compiled_with_cuda():
-        paddle.set_device("cpu")
+    use_device(args.device)
     print(f"paddle {paddle.__version__}, device {paddle.get_device()}, threads {os.environ.get('OMP_NUM_THREADS')}, "
           f"chunk_size {args.chunk_size}")
     for name in args.tables:

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import ppsci  # noqa: E402
-from _common import amortised_ratio, clock  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
+from _common import add_device_argument, amortised_ratio, clock, use_device  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
 from ppsci.autodiff import hessian  # noqa: E402
 from ppsci.loss import mtl  # noqa: E402
 
@@ -242,7 +242,9 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     p.add_argument("--baseline", help="a checkout of an older version of this repository: its methods are timed "
                    "beside these (rows name@base)")
+    add_device_argument(p)
     args = p.parse_args(argv)
+    use_device(args.device)
     if min(args.freqs) < 1 or args.rounds < 1 or args.iters < 1 or args.warmup < 1:
         p.error("--freqs, --rounds, --iters and --warmup must be positive")
     if args.baseline:

@@ -30,7 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
-from _common import amortised_ratio, clock  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
+from _common import add_device_argument, amortised_ratio, clock, use_device  # noqa: E402  (sets OMP_NUM_THREADS etc. before paddle)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from paddle_pinn_balance import GradNorm, LRAnnealing, ReLoBRaLo, SoftAdapt, Sum, UncertaintyWeighting  # noqa: E402
@@ -272,7 +272,9 @@ def main(argv=None):
                    help="also time PCGrad / ConFIG (and ppsci's PCGrad) at update_freq 1")
     p.add_argument("--methods", nargs="+", choices=METHODS, metavar="NAME",
                    help=f"time exactly these methods (instead of the default list and --surgery): {', '.join(METHODS)}")
+    add_device_argument(p)
     args = p.parse_args(argv)
+    use_device(args.device)
     with_ppsci = False
     if not args.no_ppsci:
         try:

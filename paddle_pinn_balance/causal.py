@@ -113,7 +113,7 @@ class CausalResidual(paddle.nn.Layer):
         t = t.reshape([-1]).astype(r2.dtype).detach()
         if t.shape[0] != r2.shape[0]:
             raise ValueError(f"`t` has {t.shape[0]} entries, the residual {r2.shape[0]}")
-        t0, t1 = self.t_range if self.t_range is not None else (t.min(), t.max())
+        t0, t1 = self.t_range if self.t_range is not None else (t.amin(), t.amax())
         idx = paddle.clip(paddle.floor((t - t0) / (t1 - t0) * M), 0, M - 1).astype("int64")
         onehot = paddle.nn.functional.one_hot(idx, M).astype(r2.dtype)  # [N, M]
         counts = onehot.sum(axis=0)
@@ -124,7 +124,7 @@ class CausalResidual(paddle.nn.Layer):
         eps = self.current_eps().astype(chunk_losses.dtype)
         w = causal_weights(chunk_losses, eps, initial_loss)
         with paddle.no_grad():
-            wmin = w.min().astype("float32").reshape([1])
+            wmin = w.amin().astype("float32").reshape([1])
             paddle.assign(wmin, output=self.min_weight)
             paddle.assign(w.astype("float32"), output=self.last_weights)
             last = len(self.eps_schedule) - 1

@@ -272,8 +272,9 @@ class _AssembledTotalLeaves(paddle.autograd.PyLayer):
             ops.assign_(flat, views[0])
             parts = views[1:]
         else:  # leaves of several dtypes (an added parameter in float64 beside a float32 net)
-            sizes = [int(np.prod(p.shape)) for p in leaves]
-            parts = [ops.cast(ops.reshape(x, p.shape), p.dtype) for x, p in zip(paddle.split(flat, sizes), leaves)]
+            ends = np.cumsum([int(np.prod(p.shape)) for p in leaves]).tolist()  # slices: paddle.split warns on 3.2
+            parts = [ops.cast(ops.reshape(flat[e - int(np.prod(p.shape)):e], p.shape), p.dtype)
+                     for e, p in zip(ends, leaves)]
         return (None, None) + tuple(None if p.stop_gradient else v for p, v in zip(leaves, parts))
 
 
@@ -327,9 +328,10 @@ class Segments:
         return paddle.matmul(a, self._matrix(self._count, a.dtype))
 
     def max(self, a: paddle.Tensor) -> paddle.Tensor:
-        """Per-segment max of ``a`` (``[K, P]`` -> ``[K, S]``)."""
-        parts = paddle.split(a, self.sizes, axis=1) if len(self.sizes) > 1 else [a]
-        return paddle.stack([p.max(axis=1) for p in parts], axis=1)
+        """Per-segment max of ``a`` (``[K, P]`` -> ``[K, S]``; ``paddle.amax`` on column slices: ``paddle.max``
+        and ``paddle.split`` warn at their first call on Paddle 3.2)."""
+        ends = np.cumsum(self.sizes).tolist()
+        return paddle.stack([paddle.amax(a[:, e - n:e], axis=1) for n, e in zip(self.sizes, ends)], axis=1)
 
 
 STATISTICS = ("max", "mean", "norm")

@@ -99,7 +99,7 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
             free = paddle.arange(k) != int(ref)
     else:
         ref = ref.reshape([-1]) if isinstance(ref, paddle.Tensor) else paddle.to_tensor(list(ref), dtype="int64")
-        num = paddle.index_select(num, ref, axis=0).max(axis=0)  # max over reference terms
+        num = paddle.index_select(num, ref, axis=0).amax(axis=0)  # max over reference terms (paddle.max warns on 3.2)
         if free is None:
             free = (paddle.arange(k).unsqueeze(1) != ref.unsqueeze(0)).all(axis=1)
     current = ops.cast(lambdas, G.dtype)
@@ -107,7 +107,7 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
         lam = current.unsqueeze(1)
         connected = den != 0  # per layer: a layer the term does not reach gives no ratio
         hat = num / ((lam * den if lambda_inside else den) + eps)
-        hat = paddle.where(connected, hat, paddle.zeros_like(hat)).max(axis=1)
+        hat = paddle.where(connected, hat, paddle.zeros_like(hat)).amax(axis=1)
         den = den.sum(axis=1)
     else:
         hat = num / ((current * den if lambda_inside else den) + eps)

@@ -13,6 +13,11 @@ tensor, gives exactly what the public form gives (a renamed operator or a change
 the public form). ``PADDLE_PINN_BALANCE_PUBLIC_OPS=1`` forces the public forms everywhere. ``PRIVATE`` and
 ``PUBLIC`` map each name to its form; ``FALLBACKS`` lists the names that run in their public form.
 ``tests/test_ops.py`` checks both forms against the public Paddle functions, forward and backward.
+
+What differs between the supported Paddle versions (3.0.0 - 3.3.1, measured): before 3.2 the private
+``cast`` takes no ``str`` dtype (its probe passes one: ``cast`` runs in its public form there); on 3.0 two
+equal ``Place`` objects compare unequal (the constant cache of :func:`filled` keys by ``str(place)``); on 3.2
+``paddle.max`` warns at its first call (the public ``row_max`` is ``paddle.amax``).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def _public_total(x):
 
 
 def _public_row_max(x):
-    return paddle.max(x, axis=1)
+    return paddle.amax(x, axis=1)  # paddle.max warns once per process on Paddle 3.2 ("Non compatible API")
 
 
 def _public_sqrt(x):
@@ -321,7 +326,7 @@ def _c_dot(x, y):
     return _C.dot(x, y)
 
 
-@_pair(_public_cast, lambda f: f(_V(), paddle.float64))
+@_pair(_public_cast, lambda f: [f(_V(), paddle.float64), f(_V(), "float64")])  # Paddle < 3.2: no str dtype
 def _c_cast(x, dtype):
     return x if x.dtype == dtype else _C.cast(x, dtype)
 
@@ -456,7 +461,7 @@ _CONSTANTS: dict = {}
 def filled(n, value: float, like: paddle.Tensor) -> paddle.Tensor:
     """A cached constant: ``[value] * n`` (``n=None``: a 0-d tensor) in ``like``'s dtype and place. Never
     written to."""
-    key = (n, value, like.dtype, like.place)  # places compare and hash by device
+    key = (n, value, like.dtype, str(like.place))  # "Place(cpu)": equal places are unequal objects on Paddle 3.0
     v = _CONSTANTS.get(key)
     if v is None:
         v = _CONSTANTS[key] = _full([] if n is None else [n], value, like.dtype, like.place)

@@ -378,7 +378,8 @@ class _ConstraintPiece:
         if tensor_io:
             x = paddle.concat([data[k] for k in mlp.input_keys], axis=-1)
             y = m(x)
-            outs = paddle.split(y, len(mlp.output_keys), axis=-1)
+            k = y.shape[-1] // len(mlp.output_keys)  # equal column slices (paddle.split warns on Paddle 3.2)
+            outs = [y[..., i * k:(i + 1) * k] for i in range(len(mlp.output_keys))]
             out = dict(zip(mlp.output_keys, outs))
         else:
             out = m(data)

@@ -97,4 +97,4 @@ class SelfAdaptive(paddle.nn.Layer):
 
     def summary(self) -> dict:
         """``{term: (min, mean, max)}`` of the point weights (synchronises; for logging)."""
-        return {n: (float(p.min()), float(p.mean()), float(p.max())) for n, p in self._lam.items()}
+        return {n: (float(p.amin()), float(p.mean()), float(p.amax())) for n, p in self._lam.items()}

@@ -31,7 +31,7 @@ def softadapt_weights(losses, prev_losses, beta: float, variant: str = "differen
     z = ops.scale(s, beta)
     if variant != "loss_weighted":
         return ops.softmax(z)  # max-shifted inside
-    e = losses * paddle.exp(z - z.max())
+    e = losses * paddle.exp(z - z.amax())  # amax: paddle.max warns on Paddle 3.2
     return e / ops.scale(ops.total(e), 1.0, eps)
 
 

@@ -7,9 +7,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
-from reference import DTYPE  # noqa: E402
+from reference import DEVICE, DTYPE  # noqa: E402
 
-paddle.set_device("cpu")
+# PADDLE_PINN_BALANCE_DEVICE=gpu:0 runs the suite on that device (default: the CPU, also on a GPU build).
+paddle.set_device(DEVICE)
 
 # PADDLE_PINN_BALANCE_DTYPE=float64 runs the suite with float64 as Paddle's default dtype (reference.DTYPE:
 # test helpers build their nets and data in it).

@@ -12,6 +12,19 @@ DTYPE = os.environ.get("PADDLE_PINN_BALANCE_DTYPE", "float32")
 if DTYPE not in ("float32", "float64"):
     raise ValueError(f"PADDLE_PINN_BALANCE_DTYPE must be float32 or float64; got {DTYPE!r}")
 
+# The suite's device (conftest.py sets it): PADDLE_PINN_BALANCE_DEVICE=gpu:0 runs the suite on the first GPU.
+DEVICE = os.environ.get("PADDLE_PINN_BALANCE_DEVICE", "").strip() or "cpu"
+
+
+def allocated() -> int:
+    """The bytes Paddle's allocator holds on the suite's device (host memory on the CPU)."""
+    from paddle.base import core
+
+    device = paddle.device.get_device()
+    if device == "cpu":
+        return core.host_memory_stat_current_value("Allocated", 0)
+    return core.device_memory_stat_current_value("Allocated", int(device.rpartition(":")[2] or 0))
+
 
 def make_net(sizes=(2, 5, 4, 1), seed=0, dtype=DTYPE):
     """A tanh MLP of paddle Linear layers with random (non-zero) biases."""

@@ -3,7 +3,7 @@
 import numpy as np
 import paddle
 import pytest
-from reference import DTYPE, make_net
+from reference import DTYPE, allocated, make_net
 
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, Sum
 
@@ -267,8 +267,6 @@ def test_update_step_makes_no_host_synchronisation(kind, monkeypatch):
 def test_training_keeps_state_constant_and_allocates_nothing_per_step(kind):
     """Buffers never record a graph (a chain through them would grow every step), and after warm-up the
     allocator holds the same memory after each step."""
-    from paddle.base import core
-
     model, bal = BUILDERS[kind](make_net())
     opt = paddle.optimizer.Adam(1e-3, parameters=model.parameters())
 
@@ -280,10 +278,10 @@ def test_training_keeps_state_constant_and_allocates_nothing_per_step(kind):
 
     for i in range(4):
         step(i)
-    held = core.host_memory_stat_current_value("Allocated", 0)
+    held = allocated()
     for i in range(4, 12):
         step(i)
-        now = core.host_memory_stat_current_value("Allocated", 0)
+        now = allocated()
         assert now <= held, f"step {i}: {now} > {held}"  # no growth (a PyLayer context may be freed late)
         held = max(now, held)
     for name, buf in bal.named_buffers():

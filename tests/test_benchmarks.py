@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 import yaml
-from reference import DTYPE, Analytic, fd_second
+from reference import DEVICE, DTYPE, Analytic, fd_second
 
 from paddle_pinn_balance import NTKWeighting, cli
 from paddle_pinn_balance.problems import PROBLEMS, GradNormToy, KleinGordon1D, Poisson1D, Wave1D, get_problem
@@ -297,7 +297,8 @@ def _run_benchmark(name, *args):
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PADDLE_PINN_BALANCE_DEVICE=DEVICE)  # the suite's device (the benchmarks read it)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

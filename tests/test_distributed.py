@@ -25,6 +25,18 @@ STEPS = 5
 N_RES, N_BC = 16, 8  # points per rank and term
 
 
+@pytest.fixture(autouse=True)
+def _on_the_ranks_device():
+    """The ranks run on the CPU (gloo, CUDA hidden) whatever the suite's device: so does the one process
+    they are compared with."""
+    import paddle
+
+    previous = paddle.device.get_device()
+    paddle.set_device("cpu")
+    yield
+    paddle.set_device(previous)
+
+
 def points(step, rank, world):
     """Rank `rank`'s share of the step's points (world == 1: all of them)."""
     rng = np.random.default_rng(100 + step)

@@ -12,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = """
 import sys
 sys.modules["ppsci"] = None  # any `import ppsci` now raises ImportError
+import os
 import paddle
+paddle.set_device(os.environ.get("PADDLE_PINN_BALANCE_DEVICE", "").strip() or "cpu")  # the suite's device
 import paddle_pinn_balance as ppb
 import paddle_pinn_balance.ppsci  # the adapter module itself imports ppsci lazily
 net = paddle.nn.Sequential(paddle.nn.Linear(2, 8), paddle.nn.Tanh(), paddle.nn.Linear(8, 1))

@@ -71,8 +71,7 @@ def run_amp(kind, scaling, overflow_at=None, steps=4):
         losses = losses_of(model, step)
         if step == overflow_at:
             losses["bc"] = losses["bc"] * float("inf")
-        with paddle.amp.auto_cast(enable=scaler is not None):
-            total = bal(losses, step)
+        total = bal(losses, step)  # no auto_cast: float16 on a GPU would change the numbers compared
         if scaler is None:
             total.backward()
             opt.step()
@@ -90,11 +89,9 @@ def run_amp(kind, scaling, overflow_at=None, steps=4):
                     "float32 gradients only (core.eager.get_grads_lists leaves float64 ones out): mixed precision")
 @pytest.mark.parametrize("kind", KINDS)
 def test_grad_scaler_gives_the_same_weights_and_skips_overflow_updates(kind):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Paddle: auto_cast has no effect on the CPU
-        plain = run_amp(kind, None)
-        scaled = run_amp(kind, 1024.0)
-        overflow = run_amp(kind, 1024.0, overflow_at=2)
+    plain = run_amp(kind, None)
+    scaled = run_amp(kind, 1024.0)
+    overflow = run_amp(kind, 1024.0, overflow_at=2)
     for (w1, p1), (w2, p2) in zip(plain, scaled):
         for n in w1:
             assert w2[n] == pytest.approx(w1[n], rel=1e-6)  # statistics on unscaled gradients
