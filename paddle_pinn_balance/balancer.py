@@ -323,6 +323,12 @@ class Balancer(paddle.nn.Layer):
         Gradient-surgery methods override it with their own combination of the rows of ``G``."""
         return ops.matmul(ops.cast(w.detach(), G.dtype), G)
 
+    def restart_steps(self) -> None:
+        """Forget the step of the last update (weights and every other state are kept), for a second
+        training stage whose loop counts its steps from 0 again (PaddleScience's second ``Solver``:
+        Adam, then L-BFGS on the same balancer): its step 0 is then an update step."""
+        self._host.pop("last_update_step", None)
+
     def add_parameters(self, params) -> None:
         """Trainable tensors outside the model that the losses depend on (self-adaptive point weights, a
         learnable PDE coefficient): the update step's total delivers their gradient too (without them,
