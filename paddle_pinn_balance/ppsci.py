@@ -11,8 +11,9 @@ Every balancer already has the shape of a PaddleScience loss aggregator: the sol
 * :func:`build_for_solver`: ``(model_for_the_solver, balancer)`` from a ``TRAIN.balancer`` config block
   (a dict, an omegaconf ``DictConfig`` or a whole Hydra config), with ``loss_names`` filled in from the
   constraints (so a checkpoint for other terms is refused when the solver loads it) and, for ``ntk``,
-  kernels built from the constraints. For ``grad_norm`` the model comes back wrapped
-  (:class:`~paddle_pinn_balance.GradNorm`), the model to give the solver.
+  kernels built from the constraints. The model comes back as it went in (the bare network, also for
+  ``grad_norm``): the solver's ``.pdparams`` are the network's own, and a checkpoint saved with a balancer
+  evaluates, exports and fine-tunes in the example's own code exactly like one saved without.
 * :func:`optimizer_layers`: the layers to build the solver's optimizer from (the network plus learned loss
   weights, each once), and :func:`attach_weight_optimizer`: GradNorm's weights on an optimizer of their own,
   for L-BFGS in the Solver.
@@ -34,7 +35,7 @@ import paddle
 from .balancer import Balancer
 from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
-from .gradnorm import GradNorm
+from .gradnorm import GradNorm, GradNormBalancer
 from .per_point import _Unsupported
 
 __all__ = ["to_container", "balancer_config", "loss_names", "build_for_solver", "optimizer_layers",
@@ -138,10 +139,14 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
             (``mode: trace``) gets its kernels from them.
 
     Returns:
-        ``(model, balancer)``. For ``grad_norm`` the model is the :class:`~paddle_pinn_balance.GradNorm`
-        wrapper (give it to the solver); otherwise the model is returned as is. Build the solver's optimizer
-        from :func:`optimizer_layers` ``(model, balancer)``: ``ppsci.optimizer.Adam(lr)(optimizer_layers(model,
-        balancer))``, so that learned weights (GradNorm's ``loss_weights``, uncertainty's ``log_vars``) train.
+        ``(model, balancer)``: the network to give the solver (``model`` itself; a
+        :class:`~paddle_pinn_balance.GradNorm` wrapper given here is unwrapped, its balancer kept) and the
+        balancer. Build the solver's optimizer from :func:`optimizer_layers` ``(model, balancer)``:
+        ``ppsci.optimizer.Adam(lr)(optimizer_layers(model, balancer))``, so that learned weights (GradNorm's
+        ``loss_weights``, uncertainty's ``log_vars``) train. Learned weights are the balancer's parameters,
+        saved in the solver's ``<checkpoint>.pdagg`` with the rest of its state; the ``.pdparams`` hold the
+        network's parameters under the network's own names (no ``net.`` prefix): the example's
+        ``mode=eval`` / ``export`` and ``pretrained_model_path`` load them into the bare network.
     """
     cfg = balancer_config(cfg)
     name = cfg.get("name")
@@ -160,10 +165,10 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
         if opts:
             raise ValueError(f"keys {sorted(opts)} apply to kernels built from constraints (ntk, mode 'trace')")
         return model, _core_build_balancer(cfg, _unwrap(model))
-    if name == "grad_norm":
+    if name == "grad_norm":  # the balancer, not its wrapper, goes to the solver (the wrapper keeps net.* names)
         agg = _core_build_balancer(cfg, model)
-        return agg.wrapper, agg
-    return model, _core_build_balancer(cfg, _unwrap(model))
+        return agg.wrapper.net, agg
+    return _unwrap(model), _core_build_balancer(cfg, _unwrap(model))
 
 
 def _unwrap(model):
@@ -177,10 +182,10 @@ def optimizer_layers(model: paddle.nn.Layer, balancer: Balancer, lbfgs: bool = F
     (ppsci's optimizers concatenate ``parameters()`` of the layers, so ``(wrapper, balancer)`` would list
     GradNorm's weights twice):
 
-    * ``grad_norm``: ``(wrapper,)``: the network and ``loss_weights``. With ``lbfgs=True``: ``(net,)`` only;
-      GradNorm's weights follow their own objective :math:`L_\\mathrm{grad}`, not the total that L-BFGS
-      minimises (in L-BFGS they diverge), so give them a first-order optimizer of their own with
-      :func:`attach_weight_optimizer` (without it they stay at their initial values).
+    * ``grad_norm``: ``(model, balancer)``: the network and ``loss_weights``. With ``lbfgs=True``:
+      ``(model,)`` only; GradNorm's weights follow their own objective :math:`L_\\mathrm{grad}`, not the
+      total that L-BFGS minimises, so give them a first-order optimizer of their own with
+      :func:`attach_weight_optimizer` (without it they stay at their values).
     * ``uncertainty``: ``(model, balancer)``: the network and ``log_vars`` (the total is one objective of both,
       so L-BFGS takes both too).
     * every other method: ``(model,)`` (no parameters of its own).
@@ -193,12 +198,14 @@ def optimizer_layers(model: paddle.nn.Layer, balancer: Balancer, lbfgs: bool = F
     if balancer.learns_weights and balancer.loss_names is None and not balancer.parameters():
         raise ValueError(f"{type(balancer).__name__} has no parameters yet (its loss names are unknown): build it "
                          "with the constraints (build_for_solver(cfg, model, constraints)) or `loss_names`")
-    if isinstance(model, GradNorm):
+    if isinstance(model, GradNorm):  # a wrapper given to the solver by hand (it holds the weights itself)
         if model.aggregator is not balancer:
             raise ValueError("`model` is a GradNorm wrapper of another balancer")
         return (model.net,) if lbfgs else (model,)
     own = {id(p) for p in model.parameters()}
     extra = [p for p in balancer.parameters() if id(p) not in own]
+    if lbfgs and isinstance(balancer, GradNormBalancer):
+        return (model,)
     return (model, balancer) if extra else (model,)
 
 
