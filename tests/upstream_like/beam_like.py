@@ -6,7 +6,6 @@ through ``examples/ppsci/upstream.py`` and through the hand edit (``beam_like_ed
 (Written for the tests; PaddleScience's scripts are not copied here.)"""
 
 import hydra
-import numpy as np
 import ppsci
 from omegaconf import DictConfig
 from ppsci.autodiff import hessian, jacobian
