@@ -26,13 +26,14 @@ Every balancer already has the shape of a PaddleScience loss aggregator: the sol
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Mapping, Optional
 
 import numpy as np
 import paddle
 
-from .balancer import Balancer
+from .balancer import Balancer, BalanceWarning
 from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
 from .gradnorm import GradNorm, GradNormBalancer
@@ -540,6 +541,12 @@ def attach_logging(solver, balancer: Optional[Balancer] = None, every: Optional[
     as ``train/<key>`` to its VisualDL / WandB / TensorBoard writer. Nothing is patched: it is a forward
     post-hook on the balancer, and it reads (synchronises) only at those steps.
 
+    A second call for the same balancer (a second Solver: Adam, then L-BFGS) replaces the first one's hook.
+    It also checks, once, that the solver's optimizer holds the balancer's learned weights (GradNorm's
+    ``loss_weights``, uncertainty's ``log_vars``): a ``BalanceWarning`` names them where it does not (the
+    optimizer was built from the model instead of :func:`optimizer_layers`), since they would silently stay
+    at their initial values. GradNorm's weights under L-BFGS are the exception (:func:`attach_weight_optimizer`).
+
     Returns:
         The hook handle (``handle.remove()`` detaches it).
     """
@@ -548,4 +555,25 @@ def attach_logging(solver, balancer: Optional[Balancer] = None, every: Optional[
         raise ValueError(f"attach_logging needs a paddle_pinn_balance balancer; got {type(balancer).__name__}")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"`every` must be a positive integer or None; got {every!r}")
-    return balancer.register_forward_post_hook(_LogHook(solver, balancer, every, prefix))
+    _check_optimizer(solver, balancer)
+    old = balancer.__dict__.get("_ppsci_log_handle")
+    if old is not None:
+        old.remove()
+    handle = balancer.register_forward_post_hook(_LogHook(solver, balancer, every, prefix))
+    object.__setattr__(balancer, "_ppsci_log_handle", handle)
+    return handle
+
+
+def _check_optimizer(solver, balancer) -> None:
+    opt = getattr(solver, "optimizer", None)
+    if opt is None:
+        return
+    if isinstance(balancer, GradNormBalancer) and isinstance(opt, paddle.optimizer.LBFGS):
+        return  # by design: GradNorm's weights take attach_weight_optimizer under L-BFGS
+    held = {id(q) for g in (opt._parameter_list or []) for q in (g["params"] if isinstance(g, dict) else [g])}
+    missing = [p.name for p in balancer.parameters() if not p.stop_gradient and id(p) not in held]
+    if missing:
+        warnings.warn(f"{type(balancer).__name__}'s learned weights {missing} are not in the solver's optimizer: "
+                      "they stay at their initial values. Build it from optimizer_layers(model, balancer), e.g. "
+                      "ppsci.optimizer.Adam(lr)(balance.optimizer_layers(model, balancer))", BalanceWarning,
+                      stacklevel=3)
