@@ -27,6 +27,7 @@ Every balancer already has the shape of a PaddleScience loss aggregator: the sol
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Mapping, Optional
 
@@ -40,7 +41,7 @@ from .gradnorm import GradNorm, GradNormBalancer
 from .per_point import _Unsupported
 
 __all__ = ["to_container", "balancer_config", "loss_names", "build_for_solver", "optimizer_layers",
-           "attach_weight_optimizer", "constraint_kernels", "ntk_model", "attach_logging"]
+           "attach_weight_optimizer", "constraint_kernels", "ntk_model", "attach_logging", "attach"]
 
 #: Keys of a ``ntk`` config block read here (not by :class:`~paddle_pinn_balance.NTKWeighting`).
 NTK_ADAPTER_KEYS = ("max_points", "fast", "point_weights")
@@ -72,21 +73,25 @@ def to_container(cfg):
 def balancer_config(cfg) -> dict:
     """The balancer block of ``cfg``: ``cfg.TRAIN.balancer`` of a whole Hydra config, ``cfg.balancer``, or ``cfg``.
 
-    ``cfg`` may be a dict or an omegaconf ``DictConfig``; the result is a plain ``dict`` (a copy).
+    ``cfg`` may be a dict or an omegaconf ``DictConfig``; the result is a plain ``dict`` (a copy). A whole
+    config (with ``TRAIN``) that has no ``TRAIN.balancer`` gives ``{"name": "sum"}``: an edited example run
+    without a balancer trains as the unedited one (our ``sum`` is ppsci's default ``mtl.Sum``, bit for bit).
     """
-    cfg = to_container(cfg)
-    if not isinstance(cfg, Mapping):
+    if not isinstance(cfg, Mapping):  # omegaconf's DictConfig is a Mapping: only the block is resolved
         raise ValueError(f"a balancer config must be a mapping; got {type(cfg).__name__}")
     if "name" not in cfg:
-        if isinstance(cfg.get("TRAIN"), Mapping) and "balancer" in cfg["TRAIN"]:
-            cfg = cfg["TRAIN"]["balancer"]
+        train = cfg.get("TRAIN")
+        if isinstance(train, Mapping) and "balancer" in train:
+            cfg = train["balancer"]
         elif "balancer" in cfg:
             cfg = cfg["balancer"]
+        elif isinstance(train, Mapping):
+            cfg = {"name": "sum"}
         else:
             raise ValueError("no balancer config: expected a mapping with `name`, a `balancer:` block, or "
                              f"`TRAIN.balancer`; got keys {sorted(cfg)}")
     cfg = to_container(cfg)
-    if not isinstance(cfg, Mapping):
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
         raise ValueError(f"`TRAIN.balancer` must be a mapping with a `name`; got {cfg!r}")
     return dict(cfg)
 
@@ -267,7 +272,77 @@ def attach_weight_optimizer(balancer: Balancer, optimizer) -> _WeightOptimizer:
         raise ValueError("`optimizer` must hold exactly `balancer.loss_weights` (parameters=[balancer.loss_weights])")
     hook = _WeightOptimizer(balancer, optimizer)
     hook.handles = [w.register_hook(hook.grad_hook), balancer.register_forward_pre_hook(hook.pre_hook)]
+    object.__setattr__(balancer, "_ppsci_weight_optimizer", hook)  # attach() leaves it in place
     return hook
+
+
+#: learning rate of the Adam that :func:`attach` gives GradNorm's weights in an L-BFGS stage
+GRADNORM_LBFGS_WEIGHT_LR = 1e-3
+
+
+def attach(solver, balancer: Optional[Balancer] = None, every: Optional[int] = None, log: bool = True):
+    """Everything a Solver needs besides ``loss_aggregator=balancer``, in one line after each ``Solver(...)``.
+
+    1. The balancer's learned weights (GradNorm's ``loss_weights``, uncertainty's ``log_vars``) join the
+       solver's optimizer where it was built from the model alone (as PaddleScience's examples build it):
+       what :func:`optimizer_layers` would have given (``lbfgs=True`` for an L-BFGS optimizer).
+    2. Under L-BFGS, GradNorm's weights get an Adam of their own (``GRADNORM_LBFGS_WEIGHT_LR``,
+       :func:`attach_weight_optimizer`) unless one is attached: held by L-BFGS they would collapse, the
+       residual's weight at its floor at the first step (``tests/test_ppsci_lbfgs.py``).
+    3. A second Solver with the same balancer (Adam, then L-BFGS) continues it: weights and every state
+       (GradNorm's :math:`L_i(0)`, SoftAdapt's previous losses, NTK traces) are kept, and
+       :meth:`~paddle_pinn_balance.Balancer.restart_steps` lets the new Solver's ``global_step`` count from 0.
+    4. :func:`attach_logging` (``every``; ``log=False``: not): the weights in the ``[Train]`` log line and
+       the writers.
+
+    Returns:
+        the balancer.
+    """
+    balancer = solver.loss_aggregator if balancer is None else balancer
+    if not isinstance(balancer, Balancer):
+        raise ValueError(f"attach needs a paddle_pinn_balance balancer as the solver's loss_aggregator; got "
+                         f"{type(balancer).__name__}")
+    opt = getattr(solver, "optimizer", None)
+    lbfgs = isinstance(opt, paddle.optimizer.LBFGS)
+    if opt is not None:
+        params = opt._parameter_list
+        if params and isinstance(params[0], dict):
+            params = params[0]["params"]  # parameter groups: the learned weights join the first
+        held = {id(p) for p in params}
+        for layer in optimizer_layers(_unwrap(solver.model), balancer, lbfgs=lbfgs):
+            params.extend(p for p in layer.parameters() if id(p) not in held)
+            held.update(id(p) for p in layer.parameters())
+        if lbfgs and isinstance(balancer, GradNormBalancer):
+            if id(balancer.loss_weights) in held:
+                warnings.warn("GradNorm's loss_weights are in the solver's L-BFGS optimizer: they follow L_grad, "
+                              "not the total L-BFGS minimises, and collapse; build it from optimizer_layers(model, "
+                              "balancer, lbfgs=True)", BalanceWarning, stacklevel=2)
+            elif not getattr(balancer.__dict__.get("_ppsci_weight_optimizer"), "handles", None):
+                attach_weight_optimizer(balancer, paddle.optimizer.Adam(GRADNORM_LBFGS_WEIGHT_LR,
+                                                                        parameters=[balancer.loss_weights]))
+    previous = balancer.__dict__.get("_ppsci_solver")
+    if previous is not None and previous() is not None and previous() is not solver:
+        balancer.restart_steps()  # a second stage: its steps count from 0 again
+        _renew_kernels(balancer, solver)
+    object.__setattr__(balancer, "_ppsci_solver", weakref.ref(solver))
+    if log:
+        attach_logging(solver, balancer, every=every)
+    else:
+        _check_optimizer(solver, balancer)
+    return balancer
+
+
+def _renew_kernels(balancer, solver) -> None:
+    """NTK kernels built from the first stage's constraints, rebuilt on the second stage's (new objects)."""
+    kernels = getattr(balancer, "_kernels", None)
+    if not kernels or not all(isinstance(k, _TermKernel) for k in kernels.values()):
+        return
+    old = {id(p.constraint) for k in kernels.values() for p in k.pieces}
+    if all(id(c) in old for c in solver.constraint.values()):
+        return
+    first = next(iter(kernels.values())).pieces[0]
+    balancer._kernels = dict(constraint_kernels(solver.constraint, solver.model, max_points=first.max_points,
+                                                point_weights=first.point_weights))
 
 
 # --------------------------------------------------------------------------- NTK kernels

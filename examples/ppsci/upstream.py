@@ -56,66 +56,20 @@ def balancer_block(text: str) -> dict:
     return block
 
 
-#: learning rate of the Adam that steps GradNorm's weights in an L-BFGS stage (L-BFGS does not hold them)
-GRADNORM_LBFGS_WEIGHT_LR = 1e-3
-
-
-class _Stages:
-    """The balancer of each model, carried from one Solver to the next (Adam, then L-BFGS)."""
-
-    def __init__(self, block: dict, built: list):
-        self.block, self.built = block, built
-        self.by_model = {}  # id(model) -> (model, balancer, constraints, logging handle)
-
-    def aggregator_for(self, model, constraints):
-        from paddle_pinn_balance import ppsci as balance
-
-        prev = self.by_model.get(id(model))
-        if prev is not None and prev[0] is model and tuple(balance.loss_names(constraints)) == prev[1].loss_names:
-            _, balancer, old, handle = prev
-            balancer.restart_steps()  # the new Solver's global_step counts from 0 again
-            kernels = getattr(balancer, "_kernels", None)
-            if kernels and any(old.get(k) is not c for k, c in constraints.items()) and all(
-                    isinstance(fn, balance._TermKernel) for fn in kernels.values()):
-                opts = {k: self.block[k] for k in ("max_points", "point_weights") if k in self.block}
-                balancer._kernels = dict(balance.constraint_kernels(constraints, model, **opts))
-            if handle is not None:
-                handle.remove()  # logging follows the new Solver
-            return model, balancer
-        return balance.build_for_solver(self.block, model, constraints)
-
-    def attach(self, solver, model, balancer, constraints):
-        import paddle
-
-        from paddle_pinn_balance import GradNormBalancer
-        from paddle_pinn_balance import ppsci as balance
-
-        optimizer = solver.optimizer
-        lbfgs = isinstance(optimizer, paddle.optimizer.LBFGS)
-        if optimizer is not None:  # the script built it from the bare model: add what the balancer learns
-            held = {id(p) for p in optimizer._parameter_list}
-            for layer in balance.optimizer_layers(model, balancer, lbfgs=lbfgs):
-                optimizer._parameter_list.extend(p for p in layer.parameters() if id(p) not in held)
-                held.update(id(p) for p in layer.parameters())
-        if lbfgs and isinstance(balancer, GradNormBalancer) and not getattr(balancer, "_lbfgs_weights", None):
-            adam = paddle.optimizer.Adam(GRADNORM_LBFGS_WEIGHT_LR, parameters=[balancer.loss_weights])
-            object.__setattr__(balancer, "_lbfgs_weights", balance.attach_weight_optimizer(balancer, adam))
-        handle = None if self.block["name"] == "sum" else balance.attach_logging(solver, balancer)
-        self.by_model[id(model)] = (model, balancer, dict(constraints), handle)
-        self.built.append((solver, balancer))
-
-
 @contextlib.contextmanager
 def balanced_solvers(block: dict, built: list):
     """While active, every ``ppsci.solver.Solver(...)`` given constraints and no ``loss_aggregator`` is built
-    with ours (a second Solver on the same model continues with the first one's balancer);
-    ``(solver, balancer)`` is appended to ``built``."""
+    with ours: ``build_for_solver(block, model, constraints)``, or, for a later Solver on the same model and
+    loss terms (Adam, then L-BFGS), the earlier one's balancer; then ``attach(solver)`` (learned weights into
+    the script's optimizer, the L-BFGS stage, logging). ``(solver, balancer)`` is appended to ``built``."""
     import ppsci
+
+    from paddle_pinn_balance import ppsci as balance
 
     solver_cls = ppsci.solver.Solver
     original = solver_cls.__init__
     signature = inspect.signature(original)
-    stages = _Stages(block, built)
+    by_model = {}  # id(model) -> (model, balancer): the balancer a later Solver on that model continues
 
     def __init__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
@@ -123,10 +77,14 @@ def balanced_solvers(block: dict, built: list):
         a = bound.arguments
         if not a.get("constraint") or a.get("loss_aggregator") is not None:
             return original(*bound.args, **bound.kwargs)
-        model, balancer = stages.aggregator_for(a["model"], a["constraint"])
+        model, balancer = by_model.get(id(a["model"]), (None, None))
+        if model is not a["model"] or tuple(balance.loss_names(a["constraint"])) != balancer.loss_names:
+            model, balancer = balance.build_for_solver(block, a["model"], a["constraint"])
         a["model"], a["loss_aggregator"] = model, balancer
         original(*bound.args, **bound.kwargs)
-        stages.attach(self, model, balancer, a["constraint"])
+        balance.attach(self, balancer, log=block["name"] != "sum")  # sum: the log stays the script's own
+        by_model[id(model)] = (model, balancer)
+        built.append((self, balancer))
 
     solver_cls.__init__ = __init__
     try:
