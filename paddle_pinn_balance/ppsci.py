@@ -34,7 +34,7 @@ from typing import Mapping, Optional
 import numpy as np
 import paddle
 
-from .balancer import Balancer, BalanceWarning
+from .balancer import Balancer, BalanceWarning, Sum
 from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
 from .gradnorm import GradNorm, GradNormBalancer
@@ -174,7 +174,25 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
     if name == "grad_norm":  # the balancer, not its wrapper, goes to the solver (the wrapper keeps net.* names)
         agg = _core_build_balancer(cfg, model)
         return agg.wrapper.net, agg
-    return _unwrap(model), _core_build_balancer(cfg, _unwrap(model))
+    agg = _core_build_balancer(cfg, _unwrap(model))
+    if type(agg) is Sum and not any(v != 1.0 for v in agg._fixed.values()):
+        agg.__class__ = SolverSum
+    return _unwrap(model), agg
+
+
+class SolverSum(Sum):
+    """``sum`` in the Solver: ppsci's ``mtl.Sum`` operation for operation, ``L_1 + L_2 + ...`` left to right.
+
+    The same graph gives the same order of gradient accumulation, so a run with ``{name: sum}`` is the run
+    without a balancer bit for bit (parameters, optimizer state, losses, metrics); :class:`Sum`'s stacked
+    weighted sum has the same value and gradient up to the last bit of the accumulation. State and
+    checkpoints are :class:`Sum`'s."""
+
+    def _total(self, values, update):
+        total = values[0]
+        for v in values[1:]:
+            total = total + v
+        return total
 
 
 def _unwrap(model):
