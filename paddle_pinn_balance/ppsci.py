@@ -359,7 +359,8 @@ def _renew_kernels(balancer, solver) -> None:
     if all(id(c) in old for c in solver.constraint.values()):
         return
     first = next(iter(kernels.values())).pieces[0]
-    balancer._kernels = dict(constraint_kernels(solver.constraint, solver.model, max_points=first.max_points,
+    model = getattr(solver.model, "_layers", solver.model)  # under paddle.DataParallel: the network
+    balancer._kernels = dict(constraint_kernels(solver.constraint, model, max_points=first.max_points,
                                                 point_weights=first.point_weights))
 
 

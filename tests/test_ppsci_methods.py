@@ -362,3 +362,22 @@ def test_loop_idioms(cls):
     ref = paddle.grad(2 * (w["a"] * losses(0)["a"] + w["b"] * losses(0)["b"]), net.parameters())
     for a, r in zip(g2, ref):
         np.testing.assert_allclose(a, r.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_attach_continues_the_balancer_in_a_second_solver(tmp_path):
+    """A second Solver with the same balancer: restart_steps (its step 0 updates), NTK kernels rebuilt on its
+    constraints when they are new objects, the logging hook moved to it (one hook, not two)."""
+    solver, net, agg = poisson_solver({"name": "ntk", "update_freq": 2}, tmp_path / "a")
+    adapter.attach(solver)
+    train(solver)
+    updates = int(agg.num_updates.numpy()[0])
+    cons, pde = poisson_constraints()  # new constraint objects, same terms
+    with paddle.utils.unique_name.guard():
+        second = ppsci.solver.Solver(net, cons, str(tmp_path / "b"), ppsci.optimizer.Adam(1e-2)(net), epochs=1,
+                                     iters_per_epoch=3, log_freq=100, loss_aggregator=agg,
+                                     equation={"Poisson": pde})
+    adapter.attach(second)
+    assert all(p.constraint is cons[p.cname] for k in agg._kernels.values() for p in k.pieces)
+    assert len(agg._forward_post_hooks) == 1
+    train(second)
+    assert int(agg.num_updates.numpy()[0]) == updates + 2  # steps 0 and 2 of the second Solver
