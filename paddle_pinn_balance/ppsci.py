@@ -34,6 +34,7 @@ from typing import Mapping, Optional
 import numpy as np
 import paddle
 
+from . import expanded as _expanded
 from .balancer import Balancer, BalanceWarning, Sum
 from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
@@ -508,6 +509,10 @@ class _TermKernel:
         self.name, self.pieces, self.mlp = name, pieces, mlp
 
     def __call__(self, m):
+        if len(self.pieces) > 1 and _expanded._ACTIVE is not None:  # the fast path needs one model call
+            names = [p.cname for p in self.pieces]
+            raise _Unsupported(f"term {self.name!r} is merged from {len(names)} constraints {names} (one model call "
+                               "each); give each constraint its own label key for the fast path (design/ppsci.md)")
         tensor_io = not isinstance(m, _ppsci().arch.Arch) and not isinstance(m, GradNorm)
         if tensor_io and self.mlp is None:
             raise ValueError(f"kernel {self.name!r}: the model is not a plain ppsci.arch.MLP; give NTKWeighting "
