@@ -177,7 +177,7 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
         return agg.wrapper.net, agg
     agg = _core_build_balancer(cfg, _unwrap(model))
     if type(agg) is Sum and not any(v != 1.0 for v in agg._fixed.values()):
-        agg.__class__ = SolverSum
+        agg.__class__ = SolverSum  # validated and built by the core builder; the same state, ppsci's total
     return _unwrap(model), agg
 
 
