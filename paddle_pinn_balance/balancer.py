@@ -314,8 +314,9 @@ class Balancer(paddle.nn.Layer):
 
     def restart_steps(self) -> None:
         """Forget the last update's step (weights, counters and every other state kept): for a second training
-        stage whose loop counts its steps from 0 again. Without it, steps below the last update's do not
-        update (and warn)."""
+        stage whose loop counts its steps from 0 again (PaddleScience's second ``Solver``: Adam, then L-BFGS on
+        the same balancer; its step 0 is then an update step). Without it, steps below the last update's do
+        not update (and warn)."""
         self._host.pop("last_update_step", None)
         self._host.pop("warned_backwards", None)
 
@@ -601,10 +602,11 @@ class Balancer(paddle.nn.Layer):
         state = dict(state_dict)
         if "names_utf8" not in state:
             raise ValueError("state_dict has no `names_utf8`: not a paddle_pinn_balance checkpoint")
+        own_method = _decode_names(self._buffers["method_utf8"])[0]  # the class this balancer was built as
         if "method_utf8" in state:
             method = _decode_names(state["method_utf8"])[0]
-            if method != type(self).__name__:
-                raise ValueError(f"checkpoint is the state of a {method}, not of a {type(self).__name__}")
+            if method != own_method:
+                raise ValueError(f"checkpoint is the state of a {method}, not of a {own_method}")
         names = _decode_names(state["names_utf8"])
         if self._names is not None and names != self._names:
             raise ValueError(
@@ -616,7 +618,7 @@ class Balancer(paddle.nn.Layer):
         if missing or unexpected:
             raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
         arrays = {"last_update_step": np.full([1], -1, dtype=np.int64),
-                  "method_utf8": _encode_names([type(self).__name__]).numpy()}
+                  "method_utf8": _encode_names([own_method]).numpy()}
         for key, shape in own.items():
             if key not in state:
                 continue

@@ -11,8 +11,9 @@ Every balancer already has the shape of a PaddleScience loss aggregator: the sol
 * :func:`build_for_solver`: ``(model_for_the_solver, balancer)`` from a ``TRAIN.balancer`` config block
   (a dict, an omegaconf ``DictConfig`` or a whole Hydra config), with ``loss_names`` filled in from the
   constraints (so a checkpoint for other terms is refused when the solver loads it) and, for ``ntk``,
-  kernels built from the constraints. For ``grad_norm`` the model comes back wrapped
-  (:class:`~paddle_pinn_balance.GradNorm`), the model to give the solver.
+  kernels built from the constraints. The model comes back as it went in (the bare network, also for
+  ``grad_norm``): the solver's ``.pdparams`` are the network's own, and a checkpoint saved with a balancer
+  evaluates, exports and fine-tunes in the example's own code exactly like one saved without.
 * :func:`optimizer_layers`: the layers to build the solver's optimizer from (the network plus learned loss
   weights, each once), and :func:`attach_weight_optimizer`: GradNorm's weights on an optimizer of their own,
   for L-BFGS in the Solver.
@@ -25,20 +26,23 @@ Every balancer already has the shape of a PaddleScience loss aggregator: the sol
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections import OrderedDict
 from typing import Mapping, Optional
 
 import numpy as np
 import paddle
 
-from .balancer import Balancer
+from . import expanded as _expanded
+from .balancer import Balancer, BalanceWarning, Sum
 from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
-from .gradnorm import GradNorm
+from .gradnorm import GradNorm, GradNormBalancer
 from .per_point import _Unsupported
 
 __all__ = ["to_container", "balancer_config", "loss_names", "build_for_solver", "optimizer_layers",
-           "attach_weight_optimizer", "constraint_kernels", "ntk_model", "attach_logging"]
+           "attach_weight_optimizer", "constraint_kernels", "ntk_model", "attach_logging", "attach"]
 
 #: Keys of a ``ntk`` config block read here (not by :class:`~paddle_pinn_balance.NTKWeighting`).
 NTK_ADAPTER_KEYS = ("max_points", "fast", "point_weights")
@@ -70,21 +74,25 @@ def to_container(cfg):
 def balancer_config(cfg) -> dict:
     """The balancer block of ``cfg``: ``cfg.TRAIN.balancer`` of a whole Hydra config, ``cfg.balancer``, or ``cfg``.
 
-    ``cfg`` may be a dict or an omegaconf ``DictConfig``; the result is a plain ``dict`` (a copy).
+    ``cfg`` may be a dict or an omegaconf ``DictConfig``; the result is a plain ``dict`` (a copy). A whole
+    config (with ``TRAIN``) that has no ``TRAIN.balancer`` gives ``{"name": "sum"}``: an edited example run
+    without a balancer trains as the unedited one (our ``sum`` is ppsci's default ``mtl.Sum``, bit for bit).
     """
-    cfg = to_container(cfg)
-    if not isinstance(cfg, Mapping):
+    if not isinstance(cfg, Mapping):  # omegaconf's DictConfig is a Mapping: only the block is resolved
         raise ValueError(f"a balancer config must be a mapping; got {type(cfg).__name__}")
     if "name" not in cfg:
-        if isinstance(cfg.get("TRAIN"), Mapping) and "balancer" in cfg["TRAIN"]:
-            cfg = cfg["TRAIN"]["balancer"]
+        train = cfg.get("TRAIN")
+        if isinstance(train, Mapping) and "balancer" in train:
+            cfg = train["balancer"]
         elif "balancer" in cfg:
             cfg = cfg["balancer"]
+        elif isinstance(train, Mapping):
+            cfg = {"name": "sum"}
         else:
             raise ValueError("no balancer config: expected a mapping with `name`, a `balancer:` block, or "
                              f"`TRAIN.balancer`; got keys {sorted(cfg)}")
     cfg = to_container(cfg)
-    if not isinstance(cfg, Mapping):
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
         raise ValueError(f"`TRAIN.balancer` must be a mapping with a `name`; got {cfg!r}")
     return dict(cfg)
 
@@ -138,10 +146,14 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
             (``mode: trace``) gets its kernels from them.
 
     Returns:
-        ``(model, balancer)``. For ``grad_norm`` the model is the :class:`~paddle_pinn_balance.GradNorm`
-        wrapper (give it to the solver); otherwise the model is returned as is. Build the solver's optimizer
-        from :func:`optimizer_layers` ``(model, balancer)``: ``ppsci.optimizer.Adam(lr)(optimizer_layers(model,
-        balancer))``, so that learned weights (GradNorm's ``loss_weights``, uncertainty's ``log_vars``) train.
+        ``(model, balancer)``: the network to give the solver (``model`` itself; a
+        :class:`~paddle_pinn_balance.GradNorm` wrapper given here is unwrapped, its balancer kept) and the
+        balancer. Build the solver's optimizer from :func:`optimizer_layers` ``(model, balancer)``:
+        ``ppsci.optimizer.Adam(lr)(optimizer_layers(model, balancer))``, so that learned weights (GradNorm's
+        ``loss_weights``, uncertainty's ``log_vars``) train. Learned weights are the balancer's parameters,
+        saved in the solver's ``<checkpoint>.pdagg`` with the rest of its state; the ``.pdparams`` hold the
+        network's parameters under the network's own names (no ``net.`` prefix): the example's
+        ``mode=eval`` / ``export`` and ``pretrained_model_path`` load them into the bare network.
     """
     cfg = balancer_config(cfg)
     name = cfg.get("name")
@@ -160,10 +172,28 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
         if opts:
             raise ValueError(f"keys {sorted(opts)} apply to kernels built from constraints (ntk, mode 'trace')")
         return model, _core_build_balancer(cfg, _unwrap(model))
-    if name == "grad_norm":
+    if name == "grad_norm":  # the balancer, not its wrapper, goes to the solver (the wrapper keeps net.* names)
         agg = _core_build_balancer(cfg, model)
-        return agg.wrapper, agg
-    return model, _core_build_balancer(cfg, _unwrap(model))
+        return agg.wrapper.net, agg
+    agg = _core_build_balancer(cfg, _unwrap(model))
+    if type(agg) is Sum and not any(v != 1.0 for v in agg._fixed.values()):
+        agg.__class__ = SolverSum  # validated and built by the core builder; the same state, ppsci's total
+    return _unwrap(model), agg
+
+
+class SolverSum(Sum):
+    """``sum`` in the Solver: ppsci's ``mtl.Sum`` operation for operation, ``L_1 + L_2 + ...`` left to right.
+
+    The same graph gives the same order of gradient accumulation, so a run with ``{name: sum}`` is the run
+    without a balancer bit for bit (parameters, optimizer state, losses, metrics); :class:`Sum`'s stacked
+    weighted sum has the same value and gradient up to the last bit of the accumulation. State and
+    checkpoints are :class:`Sum`'s."""
+
+    def _total(self, values, update):
+        total = values[0]
+        for v in values[1:]:
+            total = total + v
+        return total
 
 
 def _unwrap(model):
@@ -177,10 +207,10 @@ def optimizer_layers(model: paddle.nn.Layer, balancer: Balancer, lbfgs: bool = F
     (ppsci's optimizers concatenate ``parameters()`` of the layers, so ``(wrapper, balancer)`` would list
     GradNorm's weights twice):
 
-    * ``grad_norm``: ``(wrapper,)``: the network and ``loss_weights``. With ``lbfgs=True``: ``(net,)`` only;
-      GradNorm's weights follow their own objective :math:`L_\\mathrm{grad}`, not the total that L-BFGS
-      minimises (in L-BFGS they diverge), so give them a first-order optimizer of their own with
-      :func:`attach_weight_optimizer` (without it they stay at their initial values).
+    * ``grad_norm``: ``(model, balancer)``: the network and ``loss_weights``. With ``lbfgs=True``:
+      ``(model,)`` only; GradNorm's weights follow their own objective :math:`L_\\mathrm{grad}`, not the
+      total that L-BFGS minimises, so give them a first-order optimizer of their own with
+      :func:`attach_weight_optimizer` (without it they stay at their values).
     * ``uncertainty``: ``(model, balancer)``: the network and ``log_vars`` (the total is one objective of both,
       so L-BFGS takes both too).
     * every other method: ``(model,)`` (no parameters of its own).
@@ -193,12 +223,14 @@ def optimizer_layers(model: paddle.nn.Layer, balancer: Balancer, lbfgs: bool = F
     if balancer.learns_weights and balancer.loss_names is None and not balancer.parameters():
         raise ValueError(f"{type(balancer).__name__} has no parameters yet (its loss names are unknown): build it "
                          "with the constraints (build_for_solver(cfg, model, constraints)) or `loss_names`")
-    if isinstance(model, GradNorm):
+    if isinstance(model, GradNorm):  # a wrapper given to the solver by hand (it holds the weights itself)
         if model.aggregator is not balancer:
             raise ValueError("`model` is a GradNorm wrapper of another balancer")
         return (model.net,) if lbfgs else (model,)
     own = {id(p) for p in model.parameters()}
     extra = [p for p in balancer.parameters() if id(p) not in own]
+    if lbfgs and isinstance(balancer, GradNormBalancer):
+        return (model,)
     return (model, balancer) if extra else (model,)
 
 
@@ -259,7 +291,78 @@ def attach_weight_optimizer(balancer: Balancer, optimizer) -> _WeightOptimizer:
         raise ValueError("`optimizer` must hold exactly `balancer.loss_weights` (parameters=[balancer.loss_weights])")
     hook = _WeightOptimizer(balancer, optimizer)
     hook.handles = [w.register_hook(hook.grad_hook), balancer.register_forward_pre_hook(hook.pre_hook)]
+    object.__setattr__(balancer, "_ppsci_weight_optimizer", hook)  # attach() leaves it in place
     return hook
+
+
+#: learning rate of the Adam that :func:`attach` gives GradNorm's weights in an L-BFGS stage
+GRADNORM_LBFGS_WEIGHT_LR = 1e-3
+
+
+def attach(solver, balancer: Optional[Balancer] = None, every: Optional[int] = None, log: bool = True):
+    """Everything a Solver needs besides ``loss_aggregator=balancer``, in one line after each ``Solver(...)``.
+
+    1. The balancer's learned weights (GradNorm's ``loss_weights``, uncertainty's ``log_vars``) join the
+       solver's optimizer where it was built from the model alone (as PaddleScience's examples build it):
+       what :func:`optimizer_layers` would have given (``lbfgs=True`` for an L-BFGS optimizer).
+    2. Under L-BFGS, GradNorm's weights get an Adam of their own (``GRADNORM_LBFGS_WEIGHT_LR``,
+       :func:`attach_weight_optimizer`) unless one is attached: held by L-BFGS they would collapse, the
+       residual's weight at its floor at the first step (``tests/test_ppsci_lbfgs.py``).
+    3. A second Solver with the same balancer (Adam, then L-BFGS) continues it: weights and every state
+       (GradNorm's :math:`L_i(0)`, SoftAdapt's previous losses, NTK traces) are kept, and
+       :meth:`~paddle_pinn_balance.Balancer.restart_steps` lets the new Solver's ``global_step`` count from 0.
+    4. :func:`attach_logging` (``every``; ``log=False``: not): the weights in the ``[Train]`` log line and
+       the writers.
+
+    Returns:
+        the balancer.
+    """
+    balancer = solver.loss_aggregator if balancer is None else balancer
+    if not isinstance(balancer, Balancer):
+        raise ValueError(f"attach needs a paddle_pinn_balance balancer as the solver's loss_aggregator; got "
+                         f"{type(balancer).__name__}")
+    opt = getattr(solver, "optimizer", None)
+    lbfgs = isinstance(opt, paddle.optimizer.LBFGS)
+    if opt is not None:
+        params = opt._parameter_list
+        if params and isinstance(params[0], dict):
+            params = params[0]["params"]  # parameter groups: the learned weights join the first
+        held = {id(p) for p in params}
+        for layer in optimizer_layers(_unwrap(solver.model), balancer, lbfgs=lbfgs):
+            params.extend(p for p in layer.parameters() if id(p) not in held)
+            held.update(id(p) for p in layer.parameters())
+        if lbfgs and isinstance(balancer, GradNormBalancer):
+            if id(balancer.loss_weights) in held:
+                warnings.warn("GradNorm's loss_weights are in the solver's L-BFGS optimizer: they follow L_grad, "
+                              "not the total L-BFGS minimises, and collapse; build it from optimizer_layers(model, "
+                              "balancer, lbfgs=True)", BalanceWarning, stacklevel=2)
+            elif not getattr(balancer.__dict__.get("_ppsci_weight_optimizer"), "handles", None):
+                attach_weight_optimizer(balancer, paddle.optimizer.Adam(GRADNORM_LBFGS_WEIGHT_LR,
+                                                                        parameters=[balancer.loss_weights]))
+    previous = balancer.__dict__.get("_ppsci_solver")
+    if previous is not None and previous() is not None and previous() is not solver:
+        balancer.restart_steps()  # a second stage: its steps count from 0 again
+        _renew_kernels(balancer, solver)
+    object.__setattr__(balancer, "_ppsci_solver", weakref.ref(solver))
+    if log:
+        attach_logging(solver, balancer, every=every)
+    else:
+        _check_optimizer(solver, balancer)
+    return balancer
+
+
+def _renew_kernels(balancer, solver) -> None:
+    """NTK kernels built from the first stage's constraints, rebuilt on the second stage's (new objects)."""
+    kernels = getattr(balancer, "_kernels", None)
+    if not kernels or not all(isinstance(k, _TermKernel) for k in kernels.values()):
+        return
+    old = {id(p.constraint) for k in kernels.values() for p in k.pieces}
+    if all(id(c) in old for c in solver.constraint.values()):
+        return
+    first = next(iter(kernels.values())).pieces[0]
+    model = getattr(solver.model, "_layers", solver.model)  # under paddle.DataParallel: the network
+    balancer._kernels = dict(constraint_kernels(solver.constraint, model, max_points=first.max_points,
+                                                point_weights=first.point_weights))
 
 
 # --------------------------------------------------------------------------- NTK kernels
@@ -407,6 +510,10 @@ class _TermKernel:
         self.name, self.pieces, self.mlp = name, pieces, mlp
 
     def __call__(self, m):
+        if len(self.pieces) > 1 and _expanded._ACTIVE is not None:  # the fast path needs one model call
+            names = [p.cname for p in self.pieces]
+            raise _Unsupported(f"term {self.name!r} is merged from {len(names)} constraints {names} (one model call "
+                               "each); give each constraint its own label key for the fast path (design/ppsci.md)")
         tensor_io = not isinstance(m, _ppsci().arch.Arch) and not isinstance(m, GradNorm)
         if tensor_io and self.mlp is None:
             raise ValueError(f"kernel {self.name!r}: the model is not a plain ppsci.arch.MLP; give NTKWeighting "
@@ -534,6 +641,12 @@ def attach_logging(solver, balancer: Optional[Balancer] = None, every: Optional[
     as ``train/<key>`` to its VisualDL / WandB / TensorBoard writer. Nothing is patched: it is a forward
     post-hook on the balancer, and it reads (synchronises) only at those steps.
 
+    A second call for the same balancer (a second Solver: Adam, then L-BFGS) replaces the first one's hook.
+    It also checks, once, that the solver's optimizer holds the balancer's learned weights (GradNorm's
+    ``loss_weights``, uncertainty's ``log_vars``): a ``BalanceWarning`` names them where it does not (the
+    optimizer was built from the model instead of :func:`optimizer_layers`), since they would silently stay
+    at their initial values. GradNorm's weights under L-BFGS are the exception (:func:`attach_weight_optimizer`).
+
     Returns:
         The hook handle (``handle.remove()`` detaches it).
     """
@@ -542,4 +655,25 @@ def attach_logging(solver, balancer: Optional[Balancer] = None, every: Optional[
         raise ValueError(f"attach_logging needs a paddle_pinn_balance balancer; got {type(balancer).__name__}")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"`every` must be a positive integer or None; got {every!r}")
-    return balancer.register_forward_post_hook(_LogHook(solver, balancer, every, prefix))
+    _check_optimizer(solver, balancer)
+    old = balancer.__dict__.get("_ppsci_log_handle")
+    if old is not None:
+        old.remove()
+    handle = balancer.register_forward_post_hook(_LogHook(solver, balancer, every, prefix))
+    object.__setattr__(balancer, "_ppsci_log_handle", handle)
+    return handle
+
+
+def _check_optimizer(solver, balancer) -> None:
+    opt = getattr(solver, "optimizer", None)
+    if opt is None:
+        return
+    if isinstance(balancer, GradNormBalancer) and isinstance(opt, paddle.optimizer.LBFGS):
+        return  # by design: GradNorm's weights take attach_weight_optimizer under L-BFGS
+    held = {id(q) for g in (opt._parameter_list or []) for q in (g["params"] if isinstance(g, dict) else [g])}
+    missing = [p.name for p in balancer.parameters() if not p.stop_gradient and id(p) not in held]
+    if missing:
+        warnings.warn(f"{type(balancer).__name__}'s learned weights {missing} are not in the solver's optimizer: "
+                      "they stay at their initial values. Build it from optimizer_layers(model, balancer), e.g. "
+                      "ppsci.optimizer.Adam(lr)(balance.optimizer_layers(model, balancer))", BalanceWarning,
+                      stacklevel=3)

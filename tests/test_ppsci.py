@@ -66,7 +66,7 @@ def make_solver(cfg, out_dir, epochs, iters=50, checkpoint_path=None, constraint
         model = ppsci.arch.MLP(("x", "y"), ("u",), 2, 12, "tanh")
         cons = make_constraints() if constraints is None else constraints
         net, agg = adapter.build_for_solver(cfg, model, cons)
-        opt = ppsci.optimizer.Adam(1e-3)(net)
+        opt = ppsci.optimizer.Adam(1e-3)(adapter.optimizer_layers(net, agg))
         solver = ppsci.solver.Solver(net, cons, str(out_dir), opt, epochs=epochs, iters_per_epoch=iters,
                                      log_freq=log_freq, loss_aggregator=agg, checkpoint_path=checkpoint_path,
                                      use_amp=use_amp)
@@ -113,7 +113,7 @@ def test_each_balancer_trains_in_the_solver(name, tmp_path):
         assert isinstance(agg, LRAnnealing) and w["helmholtz"] == 1.0 and w["u"] != 1.0
         assert int(agg.num_updates.numpy()[0]) == 300 // 5
     elif name == "grad_norm":
-        assert isinstance(solver.model, GradNorm) and solver.model.aggregator is agg
+        assert solver.model is model and not isinstance(solver.model, GradNorm)  # the bare net (.pdparams)
         assert np.isclose(sum(w.values()), 2.0, atol=1e-5) and w["u"] != 1.0
         # the loss weights are trained by the solver's optimizer
         assert any(p is agg.loss_weights for p in solver.optimizer._parameter_list)
@@ -135,7 +135,7 @@ def test_solver_amp_path_runs(name, tmp_path):
     assert all(np.isfinite(v) and v > 0 for v in agg.weights.values()) and agg.weights["u"] != 1.0
 
 
-def test_eval_and_visualize_paths_with_the_gradnorm_wrapper(tmp_path):
+def test_eval_and_visualize_paths_with_gradnorm(tmp_path):
     solver, agg, model = make_solver(CONFIGS["grad_norm"], tmp_path, epochs=1, iters=5)
     rect = ppsci.geometry.Rectangle((-1.0, -1.0), (1.0, 1.0))
     solver.validator = {"val": ppsci.validate.GeometryValidator(
@@ -252,7 +252,7 @@ def test_train_balancer_block_from_hydra_yaml(tmp_path):
     assert isinstance(ntk, NTKWeighting) and ntk.reduction == "mean" and ntk.loss_names == ("helmholtz", "u")
     cfg.TRAIN.balancer = {"name": "grad_norm", "alpha": 0.12}
     net, gn = adapter.build_for_solver(cfg, model, cons)
-    assert isinstance(net, GradNorm) and net.net is model and gn.alpha == 0.12
+    assert net is model and gn.wrapper.net is model and gn.alpha == 0.12
     cfg.TRAIN.balancer = {"name": "lr_annealing", "reff": "helmholtz"}
     with pytest.raises(ValueError, match="unknown key"):
         adapter.build_for_solver(cfg, model, cons)
@@ -336,7 +336,9 @@ def test_constraint_kernels_several_output_keys_and_merged_keys():
                             per_point_sq_grad_norms(model, out(pi, "u"), path="loop").numpy()])
     ref_v = per_point_sq_grad_norms(model, out(pb, "v"), path="loop").numpy()
     view = adapter.ntk_model(model)
-    np.testing.assert_allclose(per_point_sq_grad_norms(view, kernels["u"]).numpy(), ref_u, rtol=1e-5, atol=1e-7)
+    u, ran = per_point_sq_grad_norms(view, kernels["u"], return_path=True)
+    np.testing.assert_allclose(u.numpy(), ref_u, rtol=1e-5, atol=1e-7)
+    assert ran == "loop" and "merged from 2 constraints ['BC', 'IC']" in ran.reason  # the warning says why
     v, ran = per_point_sq_grad_norms(view, kernels["v"], return_path=True)
     assert ran == "expanded"
     np.testing.assert_allclose(v.numpy(), ref_v, rtol=1e-5, atol=1e-7)

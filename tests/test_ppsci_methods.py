@@ -9,6 +9,7 @@ from reference import DTYPE
 ppsci = pytest.importorskip("ppsci")
 
 from paddle_pinn_balance import (  # noqa: E402
+    BalanceWarning,
     CausalResidual,
     GradNorm,
     GradNormRatio,
@@ -152,7 +153,7 @@ def test_every_registry_method_trains_in_the_solver(name, tmp_path):
     assert len(ids) == len(set(ids))  # every tensor once
     assert {id(p) for p in net.parameters()} | {id(p) for p in agg.parameters()} == set(ids)
     if name in ("grad_norm", "uncertainty"):
-        assert agg.parameters() and isinstance(net, GradNorm) == (name == "grad_norm")
+        assert agg.parameters() and not isinstance(net, GradNorm)  # the bare net: .pdparams under its own names
     w0 = agg.weights
     solver.vdl_writer = RecordingWriter()
     adapter.attach_logging(solver)
@@ -185,15 +186,31 @@ def test_optimizer_layers_and_weight_optimizer_refuse_what_cannot_train():
     unc = UncertaintyWeighting(loss_names=list(POISSON_NAMES))
     assert adapter.optimizer_layers(model, unc) == (model, unc)
     cons, _ = poisson_constraints()
-    wrapper, gn = adapter.build_for_solver({"name": "grad_norm"}, model, cons)
+    net, gn = adapter.build_for_solver({"name": "grad_norm"}, model, cons)
+    assert net is model and adapter.optimizer_layers(net, gn) == (model, gn)
+    assert adapter.optimizer_layers(net, gn, lbfgs=True) == (model,)  # the weights: attach_weight_optimizer
+    wrapper = gn.wrapper  # a GradNorm wrapper given by hand holds the weights itself
     assert adapter.optimizer_layers(wrapper, gn) == (wrapper,)
-    assert adapter.optimizer_layers(wrapper, gn, lbfgs=True) == (model,)  # the weights: attach_weight_optimizer
+    assert adapter.optimizer_layers(wrapper, gn, lbfgs=True) == (model,)
     with pytest.raises(ValueError, match="GradNorm's balancer"):
         adapter.attach_weight_optimizer(unc, paddle.optimizer.SGD(0.1, parameters=unc.parameters()))
     with pytest.raises(ValueError, match="exactly"):
         adapter.attach_weight_optimizer(gn, paddle.optimizer.SGD(0.1, parameters=wrapper.parameters()))
     handle = adapter.attach_weight_optimizer(gn, paddle.optimizer.SGD(0.1, parameters=[gn.loss_weights]))
     handle.remove()
+
+
+@pytest.mark.parametrize("name", ["grad_norm", "uncertainty"])
+def test_attach_logging_names_learned_weights_the_optimizer_does_not_hold(name, tmp_path):
+    """An optimizer built from the model alone (not optimizer_layers) would leave the weights at their initial
+    values, silently: attach_logging (one line of the hand edit) says so, naming them."""
+    solver, net, agg = poisson_solver({"name": name}, tmp_path, optimizer=lambda layers: ppsci.optimizer.Adam(
+        1e-2)(layers[0]))
+    with pytest.warns(BalanceWarning, match="not in the solver's optimizer") as got:
+        adapter.attach_logging(solver)
+    assert agg.parameters()[0].name in str(got[0].message)
+    ok, _, _ = poisson_solver({"name": name}, tmp_path / "ok")
+    adapter.attach_logging(ok)  # optimizer_layers: no warning (warnings are errors in the tests)
 
 
 # --------------------------------------------------------------------------- ppsci.loss.mtl.GradNorm
@@ -345,3 +362,22 @@ def test_loop_idioms(cls):
     ref = paddle.grad(2 * (w["a"] * losses(0)["a"] + w["b"] * losses(0)["b"]), net.parameters())
     for a, r in zip(g2, ref):
         np.testing.assert_allclose(a, r.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_attach_continues_the_balancer_in_a_second_solver(tmp_path):
+    """A second Solver with the same balancer: restart_steps (its step 0 updates), NTK kernels rebuilt on its
+    constraints when they are new objects, the logging hook moved to it (one hook, not two)."""
+    solver, net, agg = poisson_solver({"name": "ntk", "update_freq": 2}, tmp_path / "a")
+    adapter.attach(solver)
+    train(solver)
+    updates = int(agg.num_updates.numpy()[0])
+    cons, pde = poisson_constraints()  # new constraint objects, same terms
+    with paddle.utils.unique_name.guard():
+        second = ppsci.solver.Solver(net, cons, str(tmp_path / "b"), ppsci.optimizer.Adam(1e-2)(net), epochs=1,
+                                     iters_per_epoch=3, log_freq=100, loss_aggregator=agg,
+                                     equation={"Poisson": pde})
+    adapter.attach(second)
+    assert all(p.constraint is cons[p.cname] for k in agg._kernels.values() for p in k.pieces)
+    assert len(agg._forward_post_hooks) == 1
+    train(second)
+    assert int(agg.num_updates.numpy()[0]) == updates + 2  # steps 0 and 2 of the second Solver

@@ -60,11 +60,12 @@ def train(cfg: DictConfig):
             {"u": lambda out: out["u"]}, {"u": 0.0}, rect, loader(cfg.TRAIN.batch_size.bc),
             ppsci.loss.MSELoss("mean"), name="BC"),
     }
-    # (model, balancer); for grad_norm the model comes back wrapped: the optimizer must be built from it
+    # (model, balancer); learned weights (grad_norm, uncertainty) are the balancer's: build the optimizer from
+    # optimizer_layers(model, balancer) so that they train
     model, balancer = balance.build_for_solver(balancer_block(cfg), model, constraints)
     lr = ppsci.optimizer.lr_scheduler.ExponentialDecay(
         cfg.TRAIN.epochs, cfg.TRAIN.iters_per_epoch, cfg.TRAIN.lr, cfg.TRAIN.gamma, cfg.TRAIN.decay_steps)()
-    optimizer = ppsci.optimizer.Adam(lr)(model)
+    optimizer = ppsci.optimizer.Adam(lr)(balance.optimizer_layers(model, balancer))
 
     n = cfg.EVAL.grid
     xs, ys = np.meshgrid(np.linspace(-1, 1, n), np.linspace(-1, 1, n))
