@@ -24,6 +24,7 @@ Methods differ only in how they turn per-term statistics into raw weight estimat
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import warnings
@@ -33,6 +34,7 @@ import numpy as np
 import paddle
 
 from . import ops
+from .contract import Slot, register
 from .gradients import (
     assembled_total,
     mean_across_ranks,
@@ -232,12 +234,28 @@ class Balancer(paddle.nn.Layer):
         return "float64" if paddle.get_default_dtype() == "float64" else "float32"
 
     def _create_state(self, k: int) -> None:
-        """Create the per-term state once the number of terms ``k`` is known."""
+        """Create the per-term state once the number of terms ``k`` is known: the weights, the bookkeeping and
+        (methods of the contract) the declared slots and the ``initialised`` counters."""
         dtype = self._state_dtype()
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype=dtype))
         self.register_buffer("scale_min", paddle.full([k], np.inf, dtype=dtype), persistable=False)
         self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype=dtype), persistable=False)
+        for name, slot in self._slots(k, creating=True).items():
+            value = np.broadcast_to(np.asarray(slot.init), [int(n) for n in slot.shape]).copy()
+            self.register_buffer(name, paddle.to_tensor(value, dtype=slot.dtype or dtype))
+        if self.history:  # per term: how many earlier losses an accepted update has taken (at most `history`)
+            self.register_buffer("initialised", paddle.zeros([k], dtype="int64"))
+
+    def _slots(self, k: int, creating: bool = False) -> dict:
+        """The method's declared state (:meth:`state_spec`), checked: ``{name: Slot}``."""
+        spec = self.state_spec(k) if self.update is not None else {}
+        for name, slot in spec.items():
+            if not isinstance(slot, Slot):
+                raise TypeError(f"{type(self).__name__}.state_spec: {name!r} must be a Slot; got {slot!r}")
+            if name in _RESERVED or (creating and (name in self._buffers or name in self._parameters)):
+                raise TypeError(f"{type(self).__name__}.state_spec: the name {name!r} is taken by the base")
+        return spec
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -372,7 +390,10 @@ class Balancer(paddle.nn.Layer):
             # tests them with the weights); data-parallel: the ranks' mean loss is non-finite when any rank's is,
             # so every rank skips alike
             object.__setattr__(self, "_losses_now", mean_across_ranks(stacked.detach()))
-            self._update(values)
+            if self.update is not None:
+                self._apply_update(self._losses_now, None)
+            else:
+                self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
         G = self._term_gradients(values)
@@ -397,6 +418,48 @@ class Balancer(paddle.nn.Layer):
         # weights "ready before" (tests/test_distributed.py, gradnorm_outside)
         zero = ops.filled(1, 0.0, losses)
         return assembled_total(losses, w, g, params) + assembled_total(zero, zero, grad, [param])
+
+    def _apply_update(self, losses: paddle.Tensor, G) -> None:
+        """Run the method's pure :meth:`update` and keep its result, or reject all of it: the raw weights go
+        through :meth:`_set_weights` (momentum, bounds, guard), and every slot the update returns is kept only
+        where the guard accepted the update (``where(ok, new, old)``); the ``initialised`` counters count
+        accepted updates, up to ``history``."""
+        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
+        weights = self._weight_vector()
+        losses = ops.cast(losses, weights.dtype)
+        names = self.__dict__.get("_slot_names")
+        if names is None:
+            names = self.__dict__["_slot_names"] = frozenset(self.state_spec(len(self._names)))
+        state = {n: b[n] for n in names}
+        state["weights"], state["step"] = weights, self._host["step"]
+        known = self._host.get("initialised")  # every term has `history` earlier losses, as the host read it
+        if self.history:
+            state["taken"] = None if known else b["initialised"]
+        raw, new = self.update(losses, G, state)
+        ok = self._set_weights(raw)  # one verdict, one entry per term
+        for n, value in new.items():
+            old = b.get(n) if n in names else None
+            if old is None:
+                raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
+                               f"({sorted(names)})")
+            if value is old:
+                continue
+            cond = ok if list(old.shape) == list(ok.shape) else ops.expand(ops.reshape(ok[:1], [1] * old.ndim),
+                                                                          old.shape)
+            b[n] = ops.where(cond, ops.cast(value.detach(), old.dtype), old)
+        if self.history and not known:
+            taken = b["initialised"]
+            b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, self.history), taken)
+            self._learn_initialised(b["initialised"] >= self.history)
+
+    #: Methods of the contract (:mod:`paddle_pinn_balance.contract`) define these three (``update`` a method,
+    #: ``history`` an int, ``state_spec`` a method); ``update = None`` marks the older hooks.
+    update = None
+    history = 0
+
+    def state_spec(self, k: int) -> dict:
+        """The method's state for ``k`` terms, declared once: ``{name: Slot(shape, init, dtype)}`` (none here)."""
+        return {}
 
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
@@ -519,7 +582,11 @@ class Balancer(paddle.nn.Layer):
     _UPDATE_HOOKS = ("_update_from_gradients", "_update")
 
     def __init_subclass__(cls, **kwargs):
+        """Check the method contract when a subclass is created (``TypeError`` naming what is missing)."""
         super().__init_subclass__(**kwargs)
+        if cls.update is not None:
+            _check_contract(cls)
+            return
         if cls._total is Balancer._total and not any(hasattr(cls, h) for h in Balancer._UPDATE_HOOKS):
             raise TypeError(f"{cls.__name__} must define `_update_from_gradients` (with needs_gradients=True) "
                             "or `_update`, or override `_total`")
@@ -643,6 +710,11 @@ class Balancer(paddle.nn.Layer):
         for key in ("num_calls", "num_updates"):
             _check_at_least(arrays, key, 0)
         _check_at_least(arrays, "last_update_step", -1)
+        if self.history and "initialised" in arrays:  # an older checkpoint's flags (bool) read as 0 / 1
+            taken = arrays["initialised"].astype(np.int64)
+            if np.any(taken < 0) or np.any(taken > self.history):
+                raise ValueError(f"state_dict['initialised'] must count 0 to {self.history} earlier losses; got "
+                                 f"{taken.tolist()}")
         if int(arrays["num_updates"][0]) > int(arrays["num_calls"][0]):
             raise ValueError(f"state_dict['num_updates'] ({int(arrays['num_updates'][0])}) exceeds "
                              f"state_dict['num_calls'] ({int(arrays['num_calls'][0])})")
@@ -676,6 +748,9 @@ class Balancer(paddle.nn.Layer):
         if not self.learns_weights:
             shapes["lambdas"] = [k]
         shapes.update(self._extra_state_shapes(k))
+        shapes.update({name: [int(n) for n in slot.shape] for name, slot in self._slots(k).items()})
+        if self.history:
+            shapes["initialised"] = [k]
         return shapes
 
     def _extra_state_shapes(self, k: int) -> dict:
@@ -688,7 +763,7 @@ class Balancer(paddle.nn.Layer):
         if last >= 0:
             self._host["last_update_step"] = last
         if "initialised" in self._buffers:
-            self._learn_initialised(self._buffers["initialised"], now=True)
+            self._learn_initialised(self._buffers["initialised"] >= self.history, now=True)
 
     def _learn_initialised(self, flags: paddle.Tensor, now: bool = False) -> None:
         """Methods whose first update takes reference losses keep per-term flags on the device (``initialised``,
@@ -706,6 +781,28 @@ class Balancer(paddle.nn.Layer):
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
 
 
+_RESERVED = frozenset({"taken", "weights", "step", "lambdas", "initialised", "num_calls", "num_updates",
+                       "last_update_step", "names_utf8", "method_utf8", "scale_min", "scale_nonfinite"})
+_LEGACY = ("_update", "_update_from_gradients", "_create_state", "_extra_state_shapes", "_total", "_direction")
+
+
+def _check_contract(cls) -> None:
+    """A class that defines ``update`` follows :mod:`paddle_pinn_balance.contract`: ``update(self, losses, G,
+    state)``, ``history`` a non-negative int, the state only in ``state_spec``, none of the older hooks."""
+    params = list(inspect.signature(cls.update).parameters)
+    if params != ["self", "losses", "G", "state"]:
+        raise TypeError(f"{cls.__name__}.update must be `update(self, losses, G, state)`; got ({', '.join(params)})")
+    if isinstance(cls.history, bool) or not isinstance(cls.history, int) or cls.history < 0:
+        raise TypeError(f"{cls.__name__}.history must be a non-negative int; got {cls.history!r}")
+    legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(Balancer, h, None)]
+    if legacy:
+        raise TypeError(f"{cls.__name__} defines `update` and the older hook(s) {legacy}: declare the state in "
+                        "`state_spec` and do all of the update in `update`")
+    if cls.needs_gradients:
+        raise TypeError(f"{cls.__name__}: the contract's `update` serves loss-only methods so far (G is None); a "
+                        "gradient-reading method uses `_update_from_gradients`")
+
+
 def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
     """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype. A
     product and a sum, not ``dot`` or a vector ``matmul``: a loop may differentiate the total's gradient again
@@ -714,6 +811,7 @@ def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tenso
     return ops.total(ops.multiply(stacked, ops.cast(weights.detach(), stacked.dtype)))
 
 
+@register("sum", build=lambda model, **kw: Sum(**kw))
 class Sum(Balancer):
     """Fixed weights: ``L = sum_i lambda_i L_i`` (plain PINN training; ``lambda_i = 1`` by default).
 

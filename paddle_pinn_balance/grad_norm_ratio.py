@@ -9,6 +9,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_choice
+from .contract import register
 from .gradients import trainable_parameters
 
 RATIO_REDUCTIONS = ("sum", "mean")
@@ -28,6 +29,7 @@ def grad_norm_ratio_weights(norms: paddle.Tensor, reduction: str = "sum") -> pad
     return total / norms
 
 
+@register("grad_norm_ratio")
 class GradNormRatio(Balancer):
     r"""Grad-norm ratio weighting: each term's weight is the summed gradient norm over its own.
 

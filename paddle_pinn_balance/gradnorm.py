@@ -9,6 +9,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float, check_int
+from .contract import register
 from .gradients import flat_grad, mean_across_ranks, trainable_parameters, weights_first
 
 
@@ -379,6 +380,15 @@ def _weight_attr(weight_attr, n: int, dtype: str):
     return paddle.ParamAttr(initializer=paddle.nn.initializer.Assign(values.astype(dtype)))
 
 
+def _build_grad_norm(model, **kw):
+    """``build_balancer``'s builder: wrap the model (unless it is a wrapper already); the aggregator is the balancer."""
+    wrapper = model if isinstance(model, GradNorm) else GradNorm(model, **kw)
+    if wrapper is model and kw:
+        raise ValueError(f"the model is already a GradNorm wrapper; remove keys {sorted(kw)} from the config")
+    return wrapper.aggregator
+
+
+@register("grad_norm", build=_build_grad_norm)
 class GradNorm(paddle.nn.Layer):
     """GradNorm as a network wrapper (PaddlePaddle community design, 2022).
 

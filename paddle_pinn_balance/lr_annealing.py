@@ -12,6 +12,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, BalanceWarning, check_choice, check_float, check_int
+from .contract import register
 from .gradients import (
     PARAM_SUBSETS,
     REDUCTIONS,
@@ -119,6 +120,7 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
     return out + ops.where(has_ref, ops.filled(None, 0.0, out), ops.filled(None, math.nan, out)), den
 
 
+@register("lr_annealing")
 class LRAnnealing(Balancer):
     r"""Learning-rate annealing: weights from the residual's largest gradient over each term's mean gradient.
 

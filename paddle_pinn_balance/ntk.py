@@ -11,6 +11,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, BalanceWarning, check_choice, check_int
+from .contract import register
 from .grad_norm_ratio import grad_norm_ratio_weights
 from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
@@ -41,6 +42,7 @@ def ntk_trace_weights(traces: paddle.Tensor, counts: paddle.Tensor | None = None
     return ops.where(ok, w, ops.filled(s.shape[0], math.nan, w))
 
 
+@register("ntk")
 class NTKWeighting(Balancer):
     r"""NTK weighting: each term's weight is the total NTK trace over the trace of its own NTK block.
 

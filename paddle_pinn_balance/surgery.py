@@ -16,6 +16,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float, check_int, weighted_sum
+from .contract import register
 from .gradients import assembled_total, trainable_parameters
 
 __all__ = ["pcgrad_direction", "config_direction", "upgrad_direction", "PCGrad", "ConFIG", "MConFIG", "UPGrad"]
@@ -201,6 +202,7 @@ _CADENCE = """
     term's gradient per step instead (momenta of the others carried over)."""
 
 
+@register("pcgrad")
 class PCGrad(_Surgery):
     __doc__ = r"""PCGrad (Yu et al., NeurIPS 2020) as a balancer: :func:`pcgrad_direction` on update steps.
 
@@ -266,6 +268,7 @@ class PCGrad(_Surgery):
         return pcgrad_coefficients(gram, order, self.pc_eps)
 
 
+@register("conflict_free")
 class ConFIG(_Surgery):
     __doc__ = r"""ConFIG (Liu, Chu, Thuerey, ICLR 2025) as a balancer: :func:`config_direction` on update steps.
 
@@ -293,6 +296,7 @@ class ConFIG(_Surgery):
         return config_coefficients(gram, rcond=self.rcond)
 
 
+@register("upgrad")
 class UPGrad(_Surgery):
     __doc__ = r"""UPGrad (Quinton & Rey, Jacobian Descent, TorchJD) as a balancer: :func:`upgrad_direction`.
 """ + _CADENCE + r"""
@@ -317,6 +321,7 @@ class UPGrad(_Surgery):
         return upgrad_coefficients(gram)
 
 
+@register("m_conflict_free")
 class MConFIG(_Surgery):
     __doc__ = r"""M-ConFIG (Liu, Chu, Thuerey, ICLR 2025, the M-ConFIG algorithm, "Algorithm 1" in the authors'
     documentation; its number in the paper not checked): ConFIG of per-term gradient momenta, one term's

@@ -1,0 +1,129 @@
+"""The method contract: how a balancing method plugs into the core, as code (registry, state slots, helpers).
+
+A method is one class, in one module, registered with :func:`register`::
+
+    @register("dwa")
+    class DWA(Balancer):
+        history = 2                                   # earlier losses the update reads (0: none)
+
+        def state_spec(self, k):                      # its state, declared once
+            return {"prev_losses": Slot([2, k], 1.0)}
+
+        def update(self, losses, G, state):           # pure: no attribute is written
+            ...
+            return raw_weights, {"prev_losses": new_prev}
+
+The pure update maps ``(losses, G or None, state) -> (raw weights, new state)``:
+
+* ``losses``: this update call's losses, one detached vector in the state's dtype, averaged over the
+  data-parallel ranks;
+* ``G``: ``None`` for a method that reads the losses only (``needs_gradients = False``);
+* ``state``: ``{name: tensor}`` for every declared slot, plus ``"taken"`` when ``history > 0``: the per-term
+  number of earlier accepted updates (saturating at ``history``; int64), or ``None`` once every term has
+  ``history`` of them (the host knows it: the method skips its first-call arithmetic; see :func:`pick`);
+* returns the raw weights (shape ``[k]``; smoothing, bounds and the guard are the base's) and the slots it
+  changes (a slot left out, or returned as the very tensor it received, costs nothing).
+
+The base (:class:`~paddle_pinn_balance.balancer.Balancer`) owns the rest, once for every method: registering
+the slots as buffers and checkpointing them (shapes checked from the declaration), momentum, bounds, the
+non-finite guard (an update whose weights or losses are non-finite is rejected whole: the weights *and every
+slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters (buffer ``initialised``), the
+warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
+<paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
+
+Methods written before the contract (gradient-reading weightings, surgery, GradNorm, NTK) still use the
+older hooks ``_update_from_gradients`` / ``_update``; ``docs/adding-a-method.md`` shows the contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+__all__ = ["REGISTRY", "Slot", "register", "discover", "method_names", "pick", "ready"]
+
+#: balancer name -> (builder ``(model, **kw) -> Balancer``, the constructor whose keyword arguments a config may use);
+#: filled by :func:`register` when a method's module is imported (:func:`discover` imports them all)
+REGISTRY: dict = {}
+
+
+class Slot(NamedTuple):
+    """One piece of a method's state, declared in ``state_spec(k)``: a buffer of ``shape`` (a list of ints;
+    the number of terms ``k`` written as an int) filled with ``init``; ``dtype`` ``None`` is the balancer's state
+    dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``)."""
+
+    shape: Sequence[int]
+    init: Union[float, int, Sequence] = 0.0
+    dtype: Optional[str] = None
+
+
+def _default_builder(cls) -> Callable:
+    params = list(inspect.signature(cls.__init__).parameters)
+    takes_model = len(params) > 1 and params[1] in ("model", "net")
+
+    def build(model, **kw):
+        return cls(model, **kw) if takes_model else cls(**kw)
+
+    return build
+
+
+def register(name: str, build: Optional[Callable] = None) -> Callable:
+    """Class decorator: make a balancer class buildable as ``build_balancer({"name": name, ...})``.
+
+    ``build(model, **kw)`` builds it (default: ``cls(model, **kw)`` when the constructor's first argument is
+    ``model`` or ``net``, else ``cls(**kw)``); the config keys allowed are the constructor's keyword arguments.
+    A name registered twice by different classes is an error."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"a balancer name must be a lower-case identifier; got {name!r}")
+
+    def deco(cls):
+        old = REGISTRY.get(name)
+        other = None if old is None else old[0].method_class
+        if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"balancer name {name!r} is registered twice ({other.__name__}, {cls.__name__})")
+        builder = build or _default_builder(cls)
+        builder.method_class = cls
+        REGISTRY[name] = (builder, cls.__init__)
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def discover() -> dict:
+    """Import every module of the package that registers a method (its source holds ``@register(``) and return
+    :data:`REGISTRY`: a new method's module is found without being listed anywhere."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg or info.name.startswith("_") or info.name == "contract":
+            continue
+        spec = importlib.util.find_spec(f"{__package__}.{info.name}")
+        origin = getattr(spec, "origin", None)
+        if origin and origin.endswith(".py"):
+            with open(origin, encoding="utf-8") as f:
+                if "\n@register(" not in f.read():
+                    continue
+        importlib.import_module(f"{__package__}.{info.name}")
+    return REGISTRY
+
+
+def method_names() -> list:
+    """The registered balancer names, sorted (every list of methods in the docs and tests is checked against it)."""
+    return sorted(discover())
+
+
+def ready(taken, n: int = 1):
+    """Which terms have ``n`` earlier losses: ``None`` (all of them, known on the host) or a bool vector."""
+    return None if taken is None else taken >= n
+
+
+def pick(flags, yes, no):
+    """``where(flags, yes, no)``, or ``yes`` when ``flags`` is ``None`` (every term ready: no device operation)."""
+    if flags is None:
+        return yes
+    from . import ops
+
+    return ops.where(flags, yes, no)
