@@ -104,3 +104,20 @@ def test_an_old_checkpoint_with_boolean_flags_resumes_bit_exactly(make, taken):
     assert second.initialised.dtype == paddle.int64
     assert run(second, SEQ[n:], n) == ref
     np.testing.assert_array_equal(second.initialised.numpy(), [1, 1])
+
+
+def test_the_options_table_matches_the_constructors():
+    """docs/methods/index.md's table of shared options, row by row, against the keys `build_balancer` accepts."""
+    from paddle_pinn_balance.config import allowed_keys
+
+    with open(os.path.join(ROOT, "docs", "methods", "index.md"), encoding="utf-8") as f:
+        lines = f.read().split("<!-- options-table", 1)[1].splitlines()[1:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, body = rows[0], rows[2:]
+    options = [h.strip("`") for h in header[1:]]
+    table = {r[0].strip("`"): {o for o, mark in zip(options, r[1:]) if mark == "yes"} for r in body}
+    assert sorted(table) == method_names()
+    for name, accepted in table.items():
+        keys = set(allowed_keys(name))
+        assert accepted == keys & set(options), name
+        assert all(r[1 + i] in ("yes", "-") for r in body for i in range(len(options)))
