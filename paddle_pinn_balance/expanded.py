@@ -45,6 +45,7 @@ adjoints, then a few batched products per parameter: about a plain training step
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -68,7 +69,12 @@ _ORIG = {
     "divide": paddle.divide,
 }
 _matmul = _ORIG["matmul"]
-_ACTIVE = None  # the _Recorder of the kernel call in progress
+_LOCAL = threading.local()  # .rec: the _Recorder of this thread's kernel call in progress (other threads: none)
+_LOCK = threading.Lock()
+#: while any thread records: {"count": recordings in progress, "methods": ..., "functions": ...}, what was installed
+#: when the first began (restored when the last ends, and what every call that is not recorded passes through to)
+_ACTIVE = None
+_PASS = {}  # name -> the function or Parameter method installed when the interception began
 
 
 class _Node:
@@ -277,63 +283,68 @@ class _Recorder:
 
 # ---------------------------------------------------------------------------- interception
 
-def _tracked(t) -> bool:
-    return _ACTIVE is not None and isinstance(t, paddle.Tensor) and id(t) in _ACTIVE.nodes
+def _recorder(*tensors):
+    """This thread's recording if one of ``tensors`` is tracked by it, else ``None`` (other threads' calls, and
+    calls on tensors that are not parameters of the recorded model, pass through)."""
+    rec = getattr(_LOCAL, "rec", None)
+    if rec is not None:
+        for t in tensors:
+            if isinstance(t, paddle.Tensor) and id(t) in rec.nodes:
+                return rec
+    return None
 
 
 def _dunder(name, op, reflected):
-    base = getattr(paddle.Tensor, name)
-
     def method(self, other):
-        if _tracked(self) or _tracked(other):
-            return _ACTIVE.binary(op, other, self) if reflected else _ACTIVE.binary(op, self, other)
-        return base(self, other)
+        rec = _recorder(self, other)
+        if rec is not None:
+            return rec.binary(op, other, self) if reflected else rec.binary(op, self, other)
+        return _PASS[name](self, other)
 
     method.__name__ = name
     return method
 
 
 def _function(key, op):
-    orig = _ORIG[key]
-
     def fn(x, y, *args, **kwargs):
-        if (_tracked(x) or _tracked(y)) and not args and not kwargs.get("out") and kwargs.get("alpha", 1) == 1 \
+        rec = _recorder(x, y)
+        if rec is not None and not args and not kwargs.get("out") and kwargs.get("alpha", 1) == 1 \
                 and kwargs.get("rounding_mode") is None:
-            return _ACTIVE.binary(op, x, y)
-        return orig(x, y, *args, **kwargs)
+            return rec.binary(op, x, y)
+        return _PASS[key](x, y, *args, **kwargs)
 
     return fn
 
 
 def _patched_matmul(x, y, transpose_x=False, transpose_y=False, name=None, **kwargs):
-    if (_tracked(x) or _tracked(y)) and not kwargs.get("out"):
-        if transpose_x or _tracked(x):
+    rec = _recorder(x, y)
+    if rec is not None and not kwargs.get("out"):
+        if transpose_x or _recorder(x) is not None:
             raise Unsupported("paddle.matmul with a parameter on the left or a transposed left operand")
-        n = _ACTIVE.node(y)
+        n = rec.node(y)
         return _matmul_use(n, x, bool(transpose_y))
-    return _ORIG["matmul"](x, y, transpose_x=transpose_x, transpose_y=transpose_y, name=name, **kwargs)
+    return _PASS["matmul"](x, y, transpose_x=transpose_x, transpose_y=transpose_y, name=name, **kwargs)
 
 
 def _patched_linear(x, weight, bias=None, name=None):
-    if _tracked(weight) or _tracked(bias) or _tracked(x):
-        return _ACTIVE.linear(x, weight, bias)
-    return _ORIG["linear"](x, weight, bias, name)
-
-
-_BASE_NEG = paddle.Tensor.__neg__
-_BASE_NORM = paddle.Tensor.norm
+    rec = _recorder(weight, bias, x)
+    if rec is not None:
+        return rec.linear(x, weight, bias)
+    return _PASS["linear"](x, weight, bias, name)
 
 
 def _neg(self):
-    if not _tracked(self):
-        return _BASE_NEG(self)
-    return _ACTIVE.unary("neg", _ACTIVE.node(self), lambda v: -v, lambda b: -b)
+    rec = _recorder(self)
+    if rec is None:
+        return _PASS["__neg__"](self)
+    return rec.unary("neg", rec.node(self), lambda v: -v, lambda b: -b)
 
 
 def _norm(self, p=None, axis=None, keepdim=False, *args, **kwargs):
-    if not _tracked(self) or args or kwargs.get("out") is not None or kwargs.get("dtype") is not None:
-        return _BASE_NORM(self, p, axis, keepdim, *args, **kwargs)
-    node = _ACTIVE.node(self)
+    rec = _recorder(self)
+    if rec is None or args or kwargs.get("out") is not None or kwargs.get("dtype") is not None:
+        return _PASS["norm"](self, p, axis, keepdim, *args, **kwargs)
+    node = rec.node(self)
     rank = len(node.shape)
     if isinstance(axis, int):
         axes = [(axis % rank) + 1]
@@ -353,7 +364,7 @@ def _norm(self, p=None, axis=None, keepdim=False, *args, **kwargs):
     def compute(v):
         return batched(v.unsqueeze(0)).squeeze(0)
 
-    return _ACTIVE.unary("norm", node, compute, batched)
+    return rec.unary("norm", node, compute, batched)
 
 
 _DUNDERS = {
@@ -376,39 +387,61 @@ _FUNCTIONS = [
 
 
 class _Intercept:
-    """Install the recording operations for the duration of a kernel call (restored on exit)."""
+    """Record this thread's uses of the recorded model's parameters for the duration of a kernel call.
+
+    The recording operations are installed process-wide (``paddle.matmul``, ``add``, ``subtract``, ``multiply``,
+    ``divide``, ``nn.functional.linear`` and 14 operator methods of ``paddle.base.framework.EagerParamBase``, the
+    class of every Parameter) by the first recording to begin and removed when the last one ends; a call is
+    recorded only when it is made by the recording thread on a parameter of the recorded model: every other call
+    (another thread's, or on other tensors) passes through to what was installed when the interception began (a
+    patch of another library stays in effect)."""
 
     def __init__(self, rec):
         self.rec = rec
 
     def __enter__(self):
         global _ACTIVE
-        if _ACTIVE is not None:
+        if getattr(_LOCAL, "rec", None) is not None:
             raise Unsupported("a kernel evaluated inside another kernel's fast-path evaluation")
-        self.saved_methods = {n: EagerParamBase.__dict__.get(n) for n in _METHODS}
-        self.saved_functions = [(mod, n, getattr(mod, n)) for mod, n, _ in _FUNCTIONS]
-        _ACTIVE = self.rec
-        try:
-            for n, fn in _METHODS.items():
-                setattr(EagerParamBase, n, fn)
-            for mod, n, fn in _FUNCTIONS:
-                setattr(mod, n, fn)
-        except BaseException:
-            self.__exit__()
-            raise
+        with _LOCK:
+            if _ACTIVE is None:
+                methods = {n: EagerParamBase.__dict__.get(n) for n in _METHODS}
+                functions = [(mod, n, getattr(mod, n)) for mod, n, _ in _FUNCTIONS]
+                _PASS.clear()
+                _PASS.update({n: getattr(EagerParamBase, n) for n in _METHODS})
+                _PASS.update({n: fn for _, n, fn in functions})
+                try:
+                    for n, fn in _METHODS.items():
+                        setattr(EagerParamBase, n, fn)
+                    for mod, n, fn in _FUNCTIONS:
+                        setattr(mod, n, fn)
+                except BaseException:
+                    _restore(methods, functions)
+                    raise
+                _ACTIVE = {"count": 0, "methods": methods, "functions": functions}
+            _ACTIVE["count"] += 1
+        _LOCAL.rec = self.rec
         return self
 
     def __exit__(self, *exc):
         global _ACTIVE
-        _ACTIVE = None
-        for n, old in self.saved_methods.items():
-            if old is not None:
-                setattr(EagerParamBase, n, old)
-            elif n in EagerParamBase.__dict__:
-                delattr(EagerParamBase, n)
-        for mod, n, old in self.saved_functions:
-            setattr(mod, n, old)
+        _LOCAL.rec = None
+        with _LOCK:
+            _ACTIVE["count"] -= 1
+            if _ACTIVE["count"] == 0:
+                _restore(_ACTIVE["methods"], _ACTIVE["functions"])
+                _ACTIVE = None
         return False
+
+
+def _restore(methods, functions) -> None:
+    for n, old in methods.items():
+        if old is not None:
+            setattr(EagerParamBase, n, old)
+        elif n in EagerParamBase.__dict__:
+            delattr(EagerParamBase, n)
+    for mod, n, old in functions:
+        setattr(mod, n, old)
 
 
 # ---------------------------------------------------------------------------- per-point squared norms
