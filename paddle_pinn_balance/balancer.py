@@ -425,32 +425,39 @@ class Balancer(paddle.nn.Layer):
         where the guard accepted the update (``where(ok, new, old)``); the ``initialised`` counters count
         accepted updates, up to ``history``."""
         b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
-        weights = self._weight_vector()
+        weights = b["lambdas"] if "lambdas" in b else self._weight_vector()
         losses = ops.cast(losses, weights.dtype)
-        names = self.__dict__.get("_slot_names")
-        if names is None:
-            names = self.__dict__["_slot_names"] = frozenset(self.state_spec(len(self._names)))
-        state = {n: b[n] for n in names}
-        state["weights"], state["step"] = weights, self._host["step"]
-        known = self._host.get("initialised")  # every term has `history` earlier losses, as the host read it
-        if self.history:
+        slots = self.__dict__.get("_slot_meta")  # {name: (shape of the weights?, dtype)}, read once
+        if slots is None:
+            k = len(self._names)
+            slots = self.__dict__["_slot_meta"] = {
+                n: (list(b[n].shape) == [k], b[n].dtype) for n in self.state_spec(k)}
+        state = {n: b[n] for n in slots}
+        h = self._host
+        state["weights"] = weights
+        state["step"] = h["step"]
+        known = h.get("initialised")  # every term has `history` earlier losses, as the host read it
+        history = self.history
+        if history:
             state["taken"] = None if known else b["initialised"]
         raw, new = self.update(losses, G, state)
         ok = self._set_weights(raw)  # one verdict, one entry per term
         for n, value in new.items():
-            old = b.get(n) if n in names else None
-            if old is None:
+            meta = slots.get(n)
+            if meta is None:
                 raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
-                               f"({sorted(names)})")
+                               f"({sorted(slots)})")
+            old = b[n]
             if value is old:
                 continue
-            cond = ok if list(old.shape) == list(ok.shape) else ops.expand(ops.reshape(ok[:1], [1] * old.ndim),
-                                                                          old.shape)
-            b[n] = ops.where(cond, ops.cast(value.detach(), old.dtype), old)
-        if self.history and not known:
+            if value.dtype is not meta[1]:
+                value = ops.cast(value, meta[1])
+            cond = ok if meta[0] else ops.expand(ops.reshape(ok[:1], [1] * old.ndim), old.shape)
+            b[n] = ops.where(cond, value if value.stop_gradient else value.detach(), old)  # a new tensor, no graph
+        if history and not known:
             taken = b["initialised"]
-            b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, self.history), taken)
-            self._learn_initialised(b["initialised"] >= self.history)
+            b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, history), taken)
+            self._learn_initialised(b["initialised"] >= history)
 
     #: Methods of the contract (:mod:`paddle_pinn_balance.contract`) define these three (``update`` a method,
     #: ``history`` an int, ``state_spec`` a method); ``update = None`` marks the older hooks.

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from . import ops
 from .balancer import Balancer, check_float
-from .contract import Slot, pick, ready, register
+from .contract import Slot, ready, register
 
 
 def dwa_weights(prev_losses, prev2_losses, temperature: float, eps: float = 1e-8):
@@ -70,7 +70,9 @@ class DWA(Balancer):
     def update(self, losses, G, state):
         prev, prev2 = state["prev_losses"], state["prev2_losses"]
         w = dwa_weights(prev, prev2, self.temperature, self.eps)
-        w = pick(ready(state["taken"], 2), w, ops.filled(losses.shape[0], 1.0, losses))  # equal until two exist
+        first = ready(state["taken"], 2)
+        if first is not None:  # equal weights until two earlier losses exist
+            w = ops.where(first, w, ops.filled(losses.shape[0], 1.0, losses))
         return w, {"prev_losses": losses, "prev2_losses": prev}
 
     def extra_repr(self):

@@ -145,7 +145,8 @@ class ReLoBRaLo(Balancer):
         init = pick(first, state["init_losses"], losses)  # a first update takes L(0)
         w = relobralo_weights(losses, init, state["prev_losses"], state["weights"], rho, self.alpha, self.tau,
                               self.eps)
-        w = pick(first, w, ops.filled(losses.shape[0], 1.0, losses))  # a term's first update gives weight 1
+        if first is not None:  # a term's first update gives weight 1
+            w = ops.where(first, w, ops.filled(losses.shape[0], 1.0, losses))
         return w, {"prev_losses": losses, "init_losses": init}
 
     def extra_repr(self):
