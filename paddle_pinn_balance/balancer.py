@@ -23,7 +23,6 @@ Methods differ only in how they turn per-term statistics into raw weight estimat
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import numbers
@@ -34,6 +33,7 @@ import numpy as np
 import paddle
 
 from . import ops
+from .checks import check_choice, check_float, check_int  # noqa: F401  (their home before checks.py)
 from .contract import Slot, register
 from .gradients import (
     assembled_total,
@@ -51,47 +51,6 @@ class BalanceWarning(RuntimeWarning, UserWarning):
     """The category of every warning this package gives (skipped updates, slow paths): filter it with
     ``warnings.simplefilter("ignore", BalanceWarning)``; the test suite turns it into an error (a test that
     expects one says so with ``pytest.warns``)."""
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """Return ``value`` as int, or raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def check_float(name, value, low=None, high=None, low_open=False, high_open=False, optional=False):
-    """Return ``value`` as a finite float inside the given interval, or raise ``ValueError``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, str):
-        hint = ""
-        with contextlib.suppress(ValueError):
-            mantissa, exponent = f"{float(value):.1e}".split("e")
-            hint = f" (YAML reads {value} as a string: write {mantissa}e{int(exponent)})"
-        raise ValueError(f"`{name}` must be a finite number; got the string {value!r}{hint}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number; got {value!r}")
-    value = float(value)
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        lb = "(" if low_open else "["
-        hb = ")" if high_open else "]"
-        raise ValueError(
-            f"`{name}` must be in {lb}{'-inf' if low is None else low}, "
-            f"{'inf' if high is None else high}{hb}; got {value!r}"
-        )
-    return value
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}")
-    return value
 
 
 def _encode_names(names: Sequence[str]) -> paddle.Tensor:

@@ -10,15 +10,14 @@ import paddle
 import yaml
 
 from .balancer import Balancer
+from .causal import CausalResidual
+from .checks import NOT_CONFIG as _NOT_CONFIG
+from .checks import build_from_keywords
 from .contract import REGISTRY, discover
-
-_NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}
+from .self_adaptive import SelfAdaptive
 
 
 def _loss_layers() -> dict:
-    from .causal import CausalResidual
-    from .self_adaptive import SelfAdaptive
-
     return {"causal": CausalResidual, "self_adaptive": SelfAdaptive}
 
 
@@ -43,12 +42,7 @@ def build_loss_layer(config) -> paddle.nn.Layer:
     name = cfg.pop("name", None)
     if name not in layers:
         raise ValueError(f"unknown loss layer name {name!r}; allowed: {sorted(layers)}")
-    cls = layers[name]
-    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in _NOT_CONFIG]
-    unknown = sorted(str(k) for k in cfg if k not in allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for loss layer {name!r}; allowed: {allowed}")
-    return cls(**cfg)
+    return build_from_keywords(layers[name], cfg, f"loss layer {name!r}")
 
 
 discover()  # every method's module registers it (`@register(name)`): REGISTRY maps name -> (builder, constructor)
