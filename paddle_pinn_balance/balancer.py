@@ -357,7 +357,10 @@ class Balancer(paddle.nn.Layer):
         params = self._params
         G = self._term_gradients(values)
         losses = ops.stack([v.detach() for v in values])
-        extra = self._update_from_gradients(losses, G)
+        if self.update is not None:
+            extra = self._apply_update(losses, G)
+        else:
+            extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
         if not self.assemble:
             total = weighted_sum(ops.stack(values), w)
@@ -399,8 +402,9 @@ class Balancer(paddle.nn.Layer):
         history = self.history
         if history:
             state["taken"] = None if known else b["initialised"]
-        raw, new = self.update(losses, G, state)
-        ok = self._set_weights(raw)  # one verdict, one entry per term
+        out = self.update(losses, G, state)
+        raw, new = out[0], out[1]
+        ok = self._set_weights(raw, out[2] if len(out) > 2 else None)  # one verdict, one entry per term
         for n, value in new.items():
             meta = slots.get(n)
             if meta is None:
@@ -764,9 +768,6 @@ def _check_contract(cls) -> None:
     if legacy:
         raise TypeError(f"{cls.__name__} defines `update` and the older hook(s) {legacy}: declare the state in "
                         "`state_spec` and do all of the update in `update`")
-    if cls.needs_gradients:
-        raise TypeError(f"{cls.__name__}: the contract's `update` serves loss-only methods so far (G is None); a "
-                        "gradient-reading method uses `_update_from_gradients`")
 
 
 def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:

@@ -17,12 +17,16 @@ The pure update maps ``(losses, G or None, state) -> (raw weights, new state)``:
 
 * ``losses``: this update call's losses, one detached vector in the state's dtype, averaged over the
   data-parallel ranks;
-* ``G``: ``None`` for a method that reads the losses only (``needs_gradients = False``);
+* ``G``: ``None`` for a method that reads the losses only; with ``needs_gradients = True`` (and ``self._params``
+  set before the base constructor) the per-term gradients ``[k, P]``, taken once, rank-averaged; the update step's
+  total then delivers ``w^T G`` without a second backward;
 * ``state``: ``{name: tensor}`` for every declared slot, plus ``"taken"`` when ``history > 0``: the per-term
   number of earlier accepted updates (saturating at ``history``; int64), or ``None`` once every term has
   ``history`` of them (the host knows it: the method skips its first-call arithmetic; see :func:`pick`);
 * returns the raw weights (shape ``[k]``; smoothing, bounds and the guard are the base's) and the slots it
-  changes (a slot left out, or returned as the very tensor it received, costs nothing).
+  changes (a slot left out, or returned as the very tensor it received, costs nothing); a gradient-reading
+  method returns a third element, the per-term gradient statistic (non-finite exactly when the term's gradient
+  is, 0 when it is zero: the guard and the warnings read it).
 
 The base (:class:`~paddle_pinn_balance.balancer.Balancer`) owns the rest, once for every method: registering
 the slots as buffers and checkpointing them (shapes checked from the declaration), momentum, bounds, the
@@ -31,8 +35,9 @@ slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters 
 warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
 <paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
 
-Methods written before the contract (gradient-reading weightings, surgery, GradNorm, NTK) still use the
-older hooks ``_update_from_gradients`` / ``_update``; ``docs/adding-a-method.md`` shows the contract.
+On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only) and the grad-norm ratio (gradients). LRA, NTK, GradNorm,
+uncertainty and gradient surgery still use the older hooks ``_update_from_gradients`` / ``_update`` /
+``_direction``; ``docs/adding-a-method.md`` shows the contract.
 """
 
 from __future__ import annotations
