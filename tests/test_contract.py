@@ -121,3 +121,43 @@ def test_the_options_table_matches_the_constructors():
         keys = set(allowed_keys(name))
         assert accepted == keys & set(options), name
         assert all(r[1 + i] in ("yes", "-") for r in body for i in range(len(options)))
+
+
+def test_a_gradient_reading_method_on_the_contract():
+    """update(losses, G, state) with needs_gradients: G is the per-term gradients, the third element the guard's
+    statistic; the total's gradient is w^T G (no second backward)."""
+    from paddle_pinn_balance.gradients import trainable_parameters
+
+    class Ratio(Balancer):
+        needs_gradients = True
+
+        def __init__(self, model):
+            self._params = trainable_parameters(model)
+            super().__init__()
+
+        def update(self, losses, G, state):
+            norms = paddle.linalg.norm(G, axis=1)
+            return norms.max() / norms, {}, norms
+
+    paddle.seed(0)
+    net = paddle.nn.Linear(1, 1)
+    bal = Ratio(net)
+    x = paddle.ones([4, 1])
+    total = bal({"a": net(x).mean(), "b": (3 * net(x)).mean()}, 0)
+    total.backward()
+    assert [round(w, 6) for w in bal.weights.values()] == [3.0, 1.0]
+    expect = 6 * paddle.grad((net(x)).mean(), net.weight)[0].numpy()  # 3 * a + 1 * (3 a)
+    np.testing.assert_allclose(net.weight.grad.numpy(), expect, rtol=1e-6)
+    net.clear_gradients()
+    with pytest.warns(Warning, match="non-finite gradient"):
+        bal.check_every = 1
+        bal({"a": net(x).mean() * float("inf"), "b": (3 * net(x)).mean()}, 1).backward()
+    assert [round(w, 6) for w in bal.weights.values()] == [3.0, 1.0]  # the update was rejected
+
+
+def test_the_default_builder_passes_the_model_when_the_constructor_takes_one():
+    from paddle_pinn_balance.config import build_balancer
+
+    net = paddle.nn.Linear(1, 1)
+    assert build_balancer({"name": "grad_norm_ratio", "update_freq": 1}, net)._params[0] is net.weight
+    assert build_balancer({"name": "dwa"}, net).loss_names is None
