@@ -48,7 +48,7 @@ import inspect
 import pkgutil
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
-__all__ = ["REGISTRY", "Slot", "register", "discover", "method_names", "pick", "ready"]
+__all__ = ["REGISTRY", "Slot", "register", "discover", "method_names", "pick", "ready", "check_contract"]
 
 #: balancer name -> (builder ``(model, **kw) -> Balancer``, the constructor whose keyword arguments a config may use);
 #: filled by :func:`register` when a method's module is imported (:func:`discover` imports them all)
@@ -132,3 +132,24 @@ def pick(flags, yes, no):
     from . import ops
 
     return ops.where(flags, yes, no)
+
+
+#: state names a method may not declare: the base's own, and the extra keys of ``state``
+_RESERVED = frozenset({"taken", "weights", "step", "lambdas", "initialised", "num_calls", "num_updates",
+                       "last_update_step", "names_utf8", "method_utf8", "scale_min", "scale_nonfinite"})
+_LEGACY = ("_update", "_update_from_gradients", "_create_state", "_extra_state_shapes", "_total", "_direction")
+
+
+def check_contract(cls, base) -> None:
+    """Raise ``TypeError`` unless ``cls`` (a subclass of ``base`` that defines ``update``) follows the contract:
+    ``update(self, losses, G, state)``, ``history`` a non-negative int, the state only in ``state_spec``, none of the
+    older hooks (called by ``Balancer.__init_subclass__``)."""
+    params = list(inspect.signature(cls.update).parameters)
+    if params != ["self", "losses", "G", "state"]:
+        raise TypeError(f"{cls.__name__}.update must be `update(self, losses, G, state)`; got ({', '.join(params)})")
+    if isinstance(cls.history, bool) or not isinstance(cls.history, int) or cls.history < 0:
+        raise TypeError(f"{cls.__name__}.history must be a non-negative int; got {cls.history!r}")
+    legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(base, h, None)]
+    if legacy:
+        raise TypeError(f"{cls.__name__} defines `update` and the older hook(s) {legacy}: declare the state in "
+                        "`state_spec` and do all of the update in `update`")
