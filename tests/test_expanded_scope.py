@@ -1,4 +1,4 @@
-"""The NTK fast path's recording is scoped (expanded.py, _Intercept): only the recording thread's calls on the
+"""The NTK fast path's recording is scoped (recording.py, _Intercept): only the recording thread's calls on the
 recorded model's parameters are recorded; every other call passes through to what was installed at entry."""
 
 import threading
@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 from reference import DTYPE, make_net
 
-from paddle_pinn_balance import expanded
+from paddle_pinn_balance import recording
 from paddle_pinn_balance.per_point import per_point_sq_grad_norms
 
 
@@ -44,7 +44,7 @@ def test_another_threads_calls_during_a_recording_are_not_recorded():
     expect = paddle.matmul(paddle.ones([1, w.shape[0]], dtype=w.dtype), w) * 2.0 + w.sum()
     np.testing.assert_allclose(seen["value"], expect.numpy(), rtol=1e-6)
     np.testing.assert_allclose(seen["grad"], np.full(w.shape, 2.0) + 1.0 * w.shape[1], rtol=1e-6)
-    assert expanded._ACTIVE is None
+    assert recording._ACTIVE is None
 
 
 def test_calls_pass_through_to_what_was_installed_at_entry(monkeypatch):
