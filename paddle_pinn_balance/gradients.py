@@ -301,3 +301,40 @@ def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor
     read the leading columns of the gradient matrix, a slice instead of a gather."""
     ids = {id(p) for p in first}
     return list(first) + [p for p in params if id(p) not in ids]
+
+
+def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
+    """The parameters ``W`` whose gradient norms GradNorm equalises.
+
+    In order: ``net.get_last_shared_layer()`` if the net defines it (its weight matrix, else its
+    parameters); else ``shared_params`` (parameters or parameter names of ``net``); else the last
+    weight matrix (a parameter with two or more dimensions) of ``net``.
+    """
+    if shared_params is not None:
+        if isinstance(shared_params, (str, paddle.Tensor)):
+            shared_params = [shared_params]
+        named = dict(net.named_parameters())
+        out = []
+        for p in shared_params:
+            if isinstance(p, str):
+                if p not in named:
+                    raise ValueError(f"`shared_params`: {p!r} is not a parameter of the net; it has {list(named)}")
+                p = named[p]
+            out.append(p)
+        return trainable_parameters(out)
+    getter = getattr(net, "get_last_shared_layer", None)
+    if callable(getter):
+        layer = getter()
+        if not isinstance(layer, paddle.nn.Layer):
+            raise ValueError(f"`get_last_shared_layer()` must return a paddle.nn.Layer; got {type(layer).__name__}")
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, paddle.Tensor) and not weight.stop_gradient:
+            return [weight]
+        return trainable_parameters(layer)
+    matrices = [p for p in net.parameters() if not p.stop_gradient and len(p.shape) >= 2]
+    if not matrices:
+        raise ValueError(
+            "GradNorm needs the last shared layer: the net has no `get_last_shared_layer()`, no "
+            "`shared_params` were given, and it has no trainable weight matrix"
+        )
+    return [matrices[-1]]
