@@ -269,8 +269,9 @@ class Balancer(Checkpointed, paddle.nn.Layer):
 
     def restart_steps(self) -> None:
         """Forget the last update's step (weights, counters and every other state kept): for a second training
-        stage whose loop counts its steps from 0 again. Without it, steps below the last update's do not
-        update (and warn)."""
+        stage whose loop counts its steps from 0 again (PaddleScience's second ``Solver``: Adam, then L-BFGS on
+        the same balancer; its step 0 is then an update step). Without it, steps below the last update's do
+        not update (and warn)."""
         self._host.pop("last_update_step", None)
         self._host.pop("warned_backwards", None)
 

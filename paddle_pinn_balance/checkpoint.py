@@ -53,10 +53,11 @@ class Checkpointed:
         state = dict(state_dict)
         if "names_utf8" not in state:
             raise ValueError("state_dict has no `names_utf8`: not a paddle_pinn_balance checkpoint")
+        own_method = _decode_names(self._buffers["method_utf8"])[0]  # the class this balancer was built as
         if "method_utf8" in state:
             method = _decode_names(state["method_utf8"])[0]
-            if method != type(self).__name__:
-                raise ValueError(f"checkpoint is the state of a {method}, not of a {type(self).__name__}")
+            if method != own_method:
+                raise ValueError(f"checkpoint is the state of a {method}, not of a {own_method}")
         names = _decode_names(state["names_utf8"])
         if self._names is not None and names != self._names:
             raise ValueError(
@@ -68,7 +69,7 @@ class Checkpointed:
         if missing or unexpected:
             raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
         arrays = {"last_update_step": np.full([1], -1, dtype=np.int64),
-                  "method_utf8": _encode_names([type(self).__name__]).numpy()}
+                  "method_utf8": _encode_names([own_method]).numpy()}
         for key, shape in own.items():
             if key not in state:
                 continue

@@ -15,7 +15,8 @@ residual, boundary and initial terms of an MLP-like network), row ``p`` of :math
   ``[in, out]`` matrix per point (the "ghost norm"); when that is dearer than the matrix, the matrix;
 * elementwise ``A * w``, ``A + w``, ``A - w``, ``A / w`` with broadcasting (biases, scales, trainable
   frequencies, PirateNet's ``alpha``): the per-point gradient is ``G * A`` (or ``G``) summed over the
-  broadcast dimensions of the row;
+  broadcast dimensions of the row; ``paddle.broadcast_to`` / ``paddle.expand`` of a parameter to the
+  points' rows (PaddleScience's ``Stan`` activation) is the use ``ones * w``;
 * operations on parameters alone (``1 - alpha``, ``g * v``, ``v / ||v||``: weight normalisation, random
   weight factorisation) make a *derived* tensor, tracked like a parameter; its per-point gradients are
   pulled back to the parameters by re-running the operation on per-point copies (``[rows, *shape]``).
@@ -30,8 +31,7 @@ raised when
 
 * a parameter is still reachable from the kernel's values after it ran: the real parameters never enter a
   recorded use, so it was used by an operation that is not recorded (indexing, ``paddle.exp(w)``,
-  ``paddle.broadcast_to(w, ...)``, ``model.parameters()``, a fused layer such as ``F.layer_norm``); the
-  parameter is named;
+  ``model.parameters()``, a fused layer such as ``F.layer_norm``); the parameter is named;
 * a use's rows are not the kernel's points (a model called on ``2N`` rows for ``N`` values);
 * the adjoints are not per point: a second backward, of :math:`\sum_p r_p f_p` with fixed pseudo-random
   :math:`r_p`, must give row ``p`` of every adjoint times :math:`r_p`; it does not where the kernel or the

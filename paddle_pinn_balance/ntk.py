@@ -137,8 +137,9 @@ class NTKWeighting(Balancer):
           ``path="loop"`` for kernels that mix points. A kernel's values in another floating dtype than the
           model's (a float64 forcing term) are cast to the model's.
         * How the fast path records: while a kernel runs, ``paddle.matmul``, ``add``, ``subtract``, ``multiply``,
-          ``divide``, ``paddle.nn.functional.linear`` and 14 operator methods of every Parameter
-          (``EagerParamBase``: ``+ - * / @ **``, reflected, unary ``-``, ``norm``) are replaced process-wide,
+          ``divide``, ``broadcast_to``, ``expand``, ``paddle.nn.functional.linear`` and 14 operator methods of
+          every Parameter (``EagerParamBase``: ``+ - * / @ **``, reflected, unary ``-``, ``norm``) are replaced
+          process-wide,
           and restored when the kernel returns or raises. Only the recording thread's calls on the model's
           own parameters are recorded; every other call (another thread's, other tensors) passes through to
           what was installed when the recording began (another library's patch of ``paddle.add`` stays in

@@ -23,8 +23,8 @@ Two exact paths compute :math:`s_p = \|\partial f(x_p)/\partial\theta\|^2` over 
 says which ran and why. The fast path checks, and falls back when:
 
 * a parameter reaches the kernel's values through an operation it does not record (indexing, ``paddle.exp``
-  of a parameter, ``paddle.broadcast_to`` as in PaddleScience's ``Stan`` activation, ``model.parameters()``
-  in the kernel, a layer implemented by one fused operation such as ``F.layer_norm``): the parameter is named;
+  of a parameter, ``model.parameters()`` in the kernel, a layer implemented by one fused operation such as
+  ``F.layer_norm``): the parameter is named;
 * a parameter is used on another number of rows than the kernel has values (a model called on ``2N`` rows
   for ``N`` values);
 * the kernel or the model mixes points (a mean over points, batch normalisation): a second backward, at the
@@ -32,10 +32,11 @@ says which ran and why. The fast path checks, and falls back when:
 
 The fast path needs entry ``p`` of the kernel to depend on row ``p`` of the model's inputs only (true of
 residual, boundary and initial terms); the point check above verifies it. Patching: while a kernel runs on
-the fast path, ``paddle.matmul``, ``paddle.add`` / ``subtract`` / ``multiply`` / ``divide``,
-``paddle.nn.functional.linear`` and the arithmetic operators of ``Parameter`` are replaced by recording
-versions (restored afterwards, also on errors); do not evaluate the same parameters in another thread
-meanwhile.
+the fast path, ``paddle.matmul``, ``paddle.add`` / ``subtract`` / ``multiply`` / ``divide`` /
+``broadcast_to`` / ``expand``, ``paddle.nn.functional.linear`` and the arithmetic operators of
+``Parameter`` are replaced by recording versions (restored afterwards, also on errors); only the recording
+thread's calls on the model's parameters are recorded, every other call passes through to what was installed
+when the recording began (:mod:`paddle_pinn_balance.recording`).
 """
 
 from __future__ import annotations

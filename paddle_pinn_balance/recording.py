@@ -3,10 +3,10 @@ a recorded use (the parameter as a constant plus a zero probe, a :class:`paddle.
 again a recorded use), and :class:`_Intercept` installs the recording operations while a kernel runs.
 
 What is replaced, and for whom: ``paddle.matmul``, ``add``, ``subtract``, ``multiply``, ``divide``,
-``paddle.nn.functional.linear`` and 14 operator methods of ``EagerParamBase`` (the class of every Parameter:
-``+ - * / @ **``, reflected, unary ``-``, ``norm``), process-wide, from the first recording's start to the last
-one's end; only the recording thread's calls on the recorded model's parameters are recorded, every other call
-passes through to what was installed when the interception began.
+``broadcast_to``, ``expand``, ``paddle.nn.functional.linear`` and 14 operator methods of ``EagerParamBase`` (the
+class of every Parameter: ``+ - * / @ **``, reflected, unary ``-``, ``norm``), process-wide, from the first
+recording's start to the last one's end; only the recording thread's calls on the recorded model's parameters
+are recorded, every other call passes through to what was installed when the interception began.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ _ORIG = {
     "subtract": paddle.subtract,
     "multiply": paddle.multiply,
     "divide": paddle.divide,
+    "broadcast_to": paddle.broadcast_to,
+    "expand": paddle.expand,
 }
 _matmul = _ORIG["matmul"]
 _LOCAL = threading.local()  # .rec: the _Recorder of this thread's kernel call in progress (other threads: none)
@@ -290,6 +292,21 @@ def _patched_matmul(x, y, transpose_x=False, transpose_y=False, name=None, **kwa
     return _PASS["matmul"](x, y, transpose_x=transpose_x, transpose_y=transpose_y, name=name, **kwargs)
 
 
+def _broadcast(key):
+    def fn(x, shape, name=None):
+        """``paddle.broadcast_to(w, [rows, ...])`` of a parameter (ppsci's ``Stan``) is ``ones * w``: recorded
+        as an elementwise use whose per-point gradient is the adjoint summed over the broadcast axes."""
+        rec = _recorder(x)
+        if rec is None:
+            return _PASS[key](x, shape, name=name)
+        node = rec.node(x)
+        ones = paddle.ones(_ORIG[key](paddle.zeros([1] * len(node.shape), node.value.dtype), shape).shape,
+                           node.value.dtype)
+        return _mul_use(node, ones)
+
+    return fn
+
+
 def _patched_linear(x, weight, bias=None, name=None):
     rec = _recorder(weight, bias, x)
     if rec is not None:
@@ -347,6 +364,8 @@ _FUNCTIONS = [
     (paddle, "subtract", _function("subtract", "sub")),
     (paddle, "multiply", _function("multiply", "mul")),
     (paddle, "divide", _function("divide", "div")),
+    (paddle, "broadcast_to", _broadcast("broadcast_to")),
+    (paddle, "expand", _broadcast("expand")),
 ]
 
 
@@ -354,11 +373,11 @@ class _Intercept:
     """Record this thread's uses of the recorded model's parameters for the duration of a kernel call.
 
     The recording operations are installed process-wide (``paddle.matmul``, ``add``, ``subtract``, ``multiply``,
-    ``divide``, ``nn.functional.linear`` and 14 operator methods of ``paddle.base.framework.EagerParamBase``, the
-    class of every Parameter) by the first recording to begin and removed when the last one ends; a call is
-    recorded only when it is made by the recording thread on a parameter of the recorded model: every other call
-    (another thread's, or on other tensors) passes through to what was installed when the interception began (a
-    patch of another library stays in effect)."""
+    ``divide``, ``broadcast_to``, ``expand``, ``nn.functional.linear`` and 14 operator methods of
+    ``paddle.base.framework.EagerParamBase``, the class of every Parameter) by the first recording to begin and
+    removed when the last one ends; a call is recorded only when it is made by the recording thread on a
+    parameter of the recorded model: every other call (another thread's, or on other tensors) passes through to
+    what was installed when the interception began (a patch of another library stays in effect)."""
 
     def __init__(self, rec):
         self.rec = rec

@@ -315,11 +315,33 @@ def test_paddlescience_architectures_take_the_fast_path(arch, kernel):
 
 
 @needs_ppsci
-def test_paddlescience_stan_activation_falls_back():
-    """Stan's trainable slope enters through paddle.broadcast_to, which the fast path does not record."""
-    model = _seeded(lambda: ppsci.arch.MLP(("x", "y"), ("u",), 2, W, activation="stan"))()
-    ran = _compare(model, residual_kernel, expect="loop")
-    assert "acts.0.beta" in ran.reason
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("activation", ["stan", "swish"])
+def test_paddlescience_learnable_activations_take_the_fast_path(activation, kernel):
+    """ppsci's learnable activations: Stan's per-neuron slope enters through ``paddle.broadcast_to(beta,
+    x.shape)`` (recorded as ``ones * beta``), Swish's scalar as ``beta * x``; exact against the loop."""
+    model = _seeded(lambda: ppsci.arch.MLP(("x", "y"), ("u",), 2, W, activation=activation))()
+    _compare(model, KERNELS[kernel])
+
+
+class BroadcastNet(SinNet):
+    """A parameter broadcast to a shape without the points' rows (``[1, W]``): not a per-point use."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+        self.s = self.create_parameter([W], default_initializer=paddle.nn.initializer.Constant(1.5))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(paddle.tanh(h) * paddle.expand(self.s, self.shape or h.shape))
+
+
+@pytest.mark.parametrize("shape, expect", [(None, "expanded"), ([1, W], "loop")])
+def test_broadcast_parameter_rows_or_fallback(shape, expect):
+    ran = _compare(_seeded(lambda: BroadcastNet(shape))(), residual_kernel, expect=expect)
+    if expect == "loop":
+        assert "used on rows [1, 8]" in ran.reason
 
 
 @needs_ppsci
