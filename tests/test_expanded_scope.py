@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 from reference import DTYPE, make_net
 
-from paddle_pinn_balance import recording
+from paddle_pinn_balance import expanded, recording
 from paddle_pinn_balance.per_point import per_point_sq_grad_norms
 
 
@@ -66,3 +66,18 @@ def test_calls_pass_through_to_what_was_installed_at_entry(monkeypatch):
     _, ran = per_point_sq_grad_norms(net, kernel, return_path=True)
     assert ran == "expanded" and calls
     assert paddle.add is counting_add  # restored to the patch, not to the import-time function
+
+
+def test_expanded_active_is_this_threads_recording():
+    """``expanded._ACTIVE`` (read by ppsci.py's kernels): set in the recording thread only, while it records."""
+    seen = {}
+
+    def kernel(model):
+        seen["here"] = expanded._ACTIVE is not None
+        t = threading.Thread(target=lambda: seen.setdefault("other", expanded._ACTIVE))
+        t.start()
+        t.join()
+        return _kernel(_points())(model)
+
+    per_point_sq_grad_norms(make_net(seed=0), kernel, path="expanded")
+    assert seen == {"here": True, "other": None} and expanded._ACTIVE is None
