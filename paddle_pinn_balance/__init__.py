@@ -26,3 +26,18 @@ __all__ = ["Balancer", "BalanceWarning", "Sum", "LRAnnealing", "NTKWeighting", "
            "lra_estimates", "ntk_trace_weights", "gradnorm_weight_gradient", "grad_norm_ratio_weights",
            "relobralo_weights", "softadapt_weights"]
 __all__ += ["Diagnosis", "attach_diagnosis"]  # why a PINN does not train (recorder.py, diagnose.py)
+
+
+def _export_registered() -> None:
+    """Every class a module registers with ``@register(name)`` (contract.py) is exported here by its class name: a
+    new method's module is found (:func:`~paddle_pinn_balance.contract.discover`) without being listed."""
+    from .contract import REGISTRY
+
+    for builder, _ in REGISTRY.values():
+        cls = builder.method_class
+        if cls.__name__ not in globals():
+            globals()[cls.__name__] = cls
+            __all__.append(cls.__name__)
+
+
+_export_registered()

@@ -23,7 +23,6 @@ Methods differ only in how they turn per-term statistics into raw weight estimat
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -33,6 +32,9 @@ import numpy as np
 import paddle
 
 from . import ops
+from .checkpoint import Checkpointed, _encode_names
+from .checks import check_choice, check_float, check_int  # noqa: F401  (their home before checks.py)
+from .contract import _RESERVED, Slot, check_contract, register
 from .gradients import (
     assembled_total,
     mean_across_ranks,
@@ -51,70 +53,14 @@ class BalanceWarning(RuntimeWarning, UserWarning):
     expects one says so with ``pytest.warns``)."""
 
 
-# --------------------------------------------------------------------------- validation helpers
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """Return ``value`` as int, or raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def check_float(name, value, low=None, high=None, low_open=False, high_open=False, optional=False):
-    """Return ``value`` as a finite float inside the given interval, or raise ``ValueError``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, str):
-        hint = ""
-        with contextlib.suppress(ValueError):
-            mantissa, exponent = f"{float(value):.1e}".split("e")
-            hint = f" (YAML reads {value} as a string: write {mantissa}e{int(exponent)})"
-        raise ValueError(f"`{name}` must be a finite number; got the string {value!r}{hint}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number; got {value!r}")
-    value = float(value)
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        lb = "(" if low_open else "["
-        hb = ")" if high_open else "]"
-        raise ValueError(
-            f"`{name}` must be in {lb}{'-inf' if low is None else low}, "
-            f"{'inf' if high is None else high}{hb}; got {value!r}"
-        )
-    return value
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}")
-    return value
-
-
-def _encode_names(names: Sequence[str]) -> paddle.Tensor:
-    data = np.frombuffer("\n".join(names).encode("utf-8"), dtype=np.uint8).copy()
-    return paddle.to_tensor(data, dtype="uint8")
-
-
 _FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
 _FLOAT_IDS = {id(d) for d in _FLOATS}
-
-
-def _decode_names(tensor) -> tuple:
-    arr = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.uint8)
-    return tuple(arr.tobytes().decode("utf-8").split("\n"))
-
-
-def _check_at_least(arrays: dict, key: str, minimum: int) -> None:
-    if key in arrays and np.any(arrays[key] < minimum):
-        raise ValueError(f"state_dict[{key!r}] must be >= {minimum}; got {arrays[key].tolist()}")
 
 
 # --------------------------------------------------------------------------- base class
 
 
-class Balancer(paddle.nn.Layer):
+class Balancer(Checkpointed, paddle.nn.Layer):
     """Base class: ``balancer(losses, step) -> weighted total`` (the shape of ``ppsci`` aggregators).
 
     Args:
@@ -232,12 +178,28 @@ class Balancer(paddle.nn.Layer):
         return "float64" if paddle.get_default_dtype() == "float64" else "float32"
 
     def _create_state(self, k: int) -> None:
-        """Create the per-term state once the number of terms ``k`` is known."""
+        """Create the per-term state once the number of terms ``k`` is known: the weights, the bookkeeping and
+        (methods of the contract) the declared slots and the ``initialised`` counters."""
         dtype = self._state_dtype()
         if not self.learns_weights:
             self.register_buffer("lambdas", paddle.ones([k], dtype=dtype))
         self.register_buffer("scale_min", paddle.full([k], np.inf, dtype=dtype), persistable=False)
         self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype=dtype), persistable=False)
+        for name, slot in self._slots(k, creating=True).items():
+            value = np.broadcast_to(np.asarray(slot.init), [int(n) for n in slot.shape]).copy()
+            self.register_buffer(name, paddle.to_tensor(value, dtype=slot.dtype or dtype))
+        if self.history:  # per term: how many earlier losses an accepted update has taken (at most `history`)
+            self.register_buffer("initialised", paddle.zeros([k], dtype="int64"))
+
+    def _slots(self, k: int, creating: bool = False) -> dict:
+        """The method's declared state (:meth:`state_spec`), checked: ``{name: Slot}``."""
+        spec = self.state_spec(k) if self.update is not None else {}
+        for name, slot in spec.items():
+            if not isinstance(slot, Slot):
+                raise TypeError(f"{type(self).__name__}.state_spec: {name!r} must be a Slot; got {slot!r}")
+            if name in _RESERVED or (creating and (name in self._buffers or name in self._parameters)):
+                raise TypeError(f"{type(self).__name__}.state_spec: the name {name!r} is taken by the base")
+        return spec
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -296,13 +258,6 @@ class Balancer(paddle.nn.Layer):
             h["last_update_step"] = step
             ops.increment_(self.num_updates)
         return total
-
-    def _state_dict_impl(self, *args, **kwargs):
-        """Paddle's state-dict builder (``state_dict()``, and a parent layer's for its sublayers): the host's
-        last update step is written into its buffer first."""
-        last = self._host.get("last_update_step")
-        self._buffers["last_update_step"] = paddle.full([1], -1 if last is None else last, dtype="int64")
-        return super()._state_dict_impl(*args, **kwargs)
 
     def _steps_went_backwards(self, step: int, last: int) -> None:
         if self._host.get("warned_backwards"):
@@ -373,12 +328,18 @@ class Balancer(paddle.nn.Layer):
             # tests them with the weights); data-parallel: the ranks' mean loss is non-finite when any rank's is,
             # so every rank skips alike
             object.__setattr__(self, "_losses_now", mean_across_ranks(stacked.detach()))
-            self._update(values)
+            if self.update is not None:
+                self._apply_update(self._losses_now, None)
+            else:
+                self._update(values)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
         G = self._term_gradients(values)
         losses = ops.stack([v.detach() for v in values])
-        extra = self._update_from_gradients(losses, G)
+        if self.update is not None:
+            extra = self._apply_update(losses, G)
+        else:
+            extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
         if not self.assemble:
             total = weighted_sum(ops.stack(values), w)
@@ -398,6 +359,56 @@ class Balancer(paddle.nn.Layer):
         # weights "ready before" (tests/test_distributed.py, gradnorm_outside)
         zero = ops.filled(1, 0.0, losses)
         return assembled_total(losses, w, g, params) + assembled_total(zero, zero, grad, [param])
+
+    def _apply_update(self, losses: paddle.Tensor, G) -> None:
+        """Run the method's pure :meth:`update` and keep its result, or reject all of it: the raw weights go
+        through :meth:`_set_weights` (momentum, bounds, guard), and every slot the update returns is kept only
+        where the guard accepted the update (``where(ok, new, old)``); the ``initialised`` counters count
+        accepted updates, up to ``history``."""
+        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
+        weights = b["lambdas"] if "lambdas" in b else self._weight_vector()
+        losses = ops.cast(losses, weights.dtype)
+        slots = self.__dict__.get("_slot_meta")  # {name: (shape of the weights?, dtype)}, read once
+        if slots is None:
+            k = len(self._names)
+            slots = self.__dict__["_slot_meta"] = {
+                n: (list(b[n].shape) == [k], b[n].dtype) for n in self.state_spec(k)}
+        state = {n: b[n] for n in slots}
+        h = self._host
+        state["weights"] = weights
+        state["step"] = h["step"]
+        known = h.get("initialised")  # every term has `history` earlier losses, as the host read it
+        history = self.history
+        if history:
+            state["taken"] = None if known else b["initialised"]
+        out = self.update(losses, G, state)
+        raw, new = out[0], out[1]
+        ok = self._set_weights(raw, out[2] if len(out) > 2 else None)  # one verdict, one entry per term
+        for n, value in new.items():
+            meta = slots.get(n)
+            if meta is None:
+                raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
+                               f"({sorted(slots)})")
+            old = b[n]
+            if value is old:
+                continue
+            if value.dtype is not meta[1]:
+                value = ops.cast(value, meta[1])
+            cond = ok if meta[0] else ops.expand(ops.reshape(ok[:1], [1] * old.ndim), old.shape)
+            b[n] = ops.where(cond, value if value.stop_gradient else value.detach(), old)  # a new tensor, no graph
+        if history and not known:
+            taken = b["initialised"]
+            b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, history), taken)
+            self._learn_initialised(b["initialised"] >= history)
+
+    #: Methods of the contract (:mod:`paddle_pinn_balance.contract`) define these three (``update`` a method,
+    #: ``history`` an int, ``state_spec`` a method); ``update = None`` marks the older hooks.
+    update = None
+    history = 0
+
+    def state_spec(self, k: int) -> dict:
+        """The method's state for ``k`` terms, declared once: ``{name: Slot(shape, init, dtype)}`` (none here)."""
+        return {}
 
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
@@ -520,7 +531,11 @@ class Balancer(paddle.nn.Layer):
     _UPDATE_HOOKS = ("_update_from_gradients", "_update")
 
     def __init_subclass__(cls, **kwargs):
+        """Check the method contract when a subclass is created (``TypeError`` naming what is missing)."""
         super().__init_subclass__(**kwargs)
+        if cls.update is not None:
+            check_contract(cls, Balancer)
+            return
         if cls._total is Balancer._total and not any(hasattr(cls, h) for h in Balancer._UPDATE_HOOKS):
             raise TypeError(f"{cls.__name__} must define `_update_from_gradients` (with needs_gradients=True) "
                             "or `_update`, or override `_total`")
@@ -589,121 +604,6 @@ class Balancer(paddle.nn.Layer):
         w = self._weight_vector().numpy().astype(np.float64).tolist()
         return dict(zip(self._names, w))
 
-    # ------------------------------------------------------------------ checkpointing
-
-    #: keys a checkpoint of an older version may lack: (what they mean then)
-    _OPTIONAL_STATE = ("last_update_step", "method_utf8")
-
-    def set_state_dict(self, state_dict, use_structured_name: bool = True):
-        """Load a checkpoint; refuse (and change nothing) on another method's state, other names, shapes,
-        non-finite values or values outside their range (negative counters, weights outside
-        ``[min_weight, max_weight]`` or negative). A checkpoint of an older version without ``method_utf8`` /
-        ``last_update_step`` loads (its method cannot be checked; no update step is known)."""
-        state = dict(state_dict)
-        if "names_utf8" not in state:
-            raise ValueError("state_dict has no `names_utf8`: not a paddle_pinn_balance checkpoint")
-        own_method = _decode_names(self._buffers["method_utf8"])[0]  # the class this balancer was built as
-        if "method_utf8" in state:
-            method = _decode_names(state["method_utf8"])[0]
-            if method != own_method:
-                raise ValueError(f"checkpoint is the state of a {method}, not of a {own_method}")
-        names = _decode_names(state["names_utf8"])
-        if self._names is not None and names != self._names:
-            raise ValueError(
-                f"checkpoint was saved for loss names {list(names)}, this balancer has {list(self._names)}"
-            )
-        own = self._expected_state(len(names))
-        missing = sorted(set(own) - set(state) - set(self._OPTIONAL_STATE))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
-        arrays = {"last_update_step": np.full([1], -1, dtype=np.int64),
-                  "method_utf8": _encode_names([own_method]).numpy()}
-        for key, shape in own.items():
-            if key not in state:
-                continue
-            value = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key])
-            if value.dtype.kind not in "biuf":
-                raise ValueError(f"state_dict[{key!r}] is not numeric (dtype {value.dtype})")
-            if shape is not None and list(value.shape) != list(shape):
-                raise ValueError(f"state_dict[{key!r}] has shape {list(value.shape)}, expected {list(shape)}")
-            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-                raise ValueError(f"state_dict[{key!r}] holds non-finite values: {value.tolist()}")
-            arrays[key] = value
-        self._check_state(arrays, names)
-        if self._names is None:
-            self._set_names(names)
-        current = super().state_dict()  # same keys: cast each value to the dtype it is loaded into
-        state = {k: arrays[k].astype(current[k].numpy().dtype) for k in arrays}
-        result = super().set_state_dict(state, use_structured_name=use_structured_name)
-        self._after_load()
-        return result
-
-    def _check_state(self, arrays: dict, names: tuple) -> None:
-        """Raise ``ValueError`` naming the key if a value of a checkpoint (``arrays``, for terms ``names``) is
-        outside its valid range."""
-        for key in ("num_calls", "num_updates"):
-            _check_at_least(arrays, key, 0)
-        _check_at_least(arrays, "last_update_step", -1)
-        if int(arrays["num_updates"][0]) > int(arrays["num_calls"][0]):
-            raise ValueError(f"state_dict['num_updates'] ({int(arrays['num_updates'][0])}) exceeds "
-                             f"state_dict['num_calls'] ({int(arrays['num_calls'][0])})")
-        key = self._weight_key()
-        if key is not None:
-            w = arrays[key].astype(np.float64)
-            bounded = self._bounded_terms(names)
-            # the bounds as the weights' dtype rounds them (clipping to 0.1 in float32 stores 0.100000001)
-            low = 0.0 if self.min_weight is None else float(np.asarray(self.min_weight, arrays[key].dtype))
-            high = np.inf if self.max_weight is None else float(np.asarray(self.max_weight, arrays[key].dtype))
-            bad = [float(v) for v, b in zip(w, bounded) if b and not low <= v <= high] + [float(v) for v in w if v < 0]
-            if bad:
-                raise ValueError(f"state_dict[{key!r}] holds weights {bad} outside [{self.min_weight or 0.0}, "
-                                 f"{self.max_weight or np.inf}] (`min_weight`, `max_weight`; weights are never "
-                                 "negative)")
-
-    def _weight_key(self) -> Optional[str]:
-        """The state key of the weights whose range :meth:`_check_state` checks (``None``: none)."""
-        return None if self.learns_weights else "lambdas"
-
-    def _bounded_terms(self, names: tuple) -> list:
-        """Which terms' weights ``[min_weight, max_weight]`` applies to (all but LR annealing's references)."""
-        return [True] * len(names)
-
-    def _expected_state(self, k: int) -> dict:
-        """Keys and shapes this balancer's ``state_dict`` holds for ``k`` terms (``None``: any length)."""
-        shapes = {"num_calls": [1], "num_updates": [1], "last_update_step": [1], "names_utf8": None,
-                  "method_utf8": None}
-        for name, p in self.named_parameters():
-            shapes[name] = [k] if name == "loss_weights" else list(p.shape)
-        if not self.learns_weights:
-            shapes["lambdas"] = [k]
-        shapes.update(self._extra_state_shapes(k))
-        return shapes
-
-    def _extra_state_shapes(self, k: int) -> dict:
-        return {}
-
-    def _after_load(self) -> None:
-        self._host["calls"] = int(self.num_calls.numpy()[0])
-        last = int(self.last_update_step.numpy()[0])
-        self._host.pop("last_update_step", None)
-        if last >= 0:
-            self._host["last_update_step"] = last
-        if "initialised" in self._buffers:
-            self._learn_initialised(self._buffers["initialised"], now=True)
-
-    def _learn_initialised(self, flags: paddle.Tensor, now: bool = False) -> None:
-        """Methods whose first update takes reference losses keep per-term flags on the device (``initialised``,
-        GradNorm's ``has_initial_losses``). Once every flag is set the host knows it (``_host["initialised"]``)
-        and later updates skip the flag arithmetic. Called at the end of each update while the host does not
-        know it yet; the flags are read (one synchronisation) at the first such update, then every
-        ``check_every`` updates (never with ``check_every=0``), and with ``now`` (after a load): in practice
-        once per run, at its first update."""
-        h = self._host
-        n = h["unknown_updates"] = h.get("unknown_updates", 0) + 1
-        if now or n == 1 or (self.check_every and n % self.check_every == 0):
-            h["initialised"] = bool(flags.numpy().all())
-
     def extra_repr(self) -> str:
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
 
@@ -716,6 +616,7 @@ def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tenso
     return ops.total(ops.multiply(stacked, ops.cast(weights.detach(), stacked.dtype)))
 
 
+@register("sum", build=lambda model, **kw: Sum(**kw))
 class Sum(Balancer):
     """Fixed weights: ``L = sum_i lambda_i L_i`` (plain PINN training; ``lambda_i = 1`` by default).
 

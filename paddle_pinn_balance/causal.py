@@ -6,7 +6,7 @@ from typing import Mapping, Optional, Sequence
 
 import paddle
 
-from .balancer import check_choice, check_float, check_int
+from .checks import build_from_keywords, check_choice, check_float, check_int
 
 
 def causal_weights(chunk_losses, eps, initial_loss=None):
@@ -147,10 +147,8 @@ def build_causal(config: Mapping) -> CausalResidual:
     """A :class:`CausalResidual` from ``{"name": "causal", n_chunks, eps, ...}`` (a residual loss, not a
     term balancer: use its output as one term of any balancer); :func:`~paddle_pinn_balance.config.
     build_loss_layer` with the name checked."""
-    from .config import build_loss_layer
-
     cfg = dict(config)
-    name = cfg.setdefault("name", "causal")
+    name = cfg.pop("name", "causal")
     if name != "causal":
         raise ValueError(f"build_causal needs name 'causal'; got {name!r}")
-    return build_loss_layer(cfg)
+    return build_from_keywords(CausalResidual, cfg, "loss layer 'causal'")

@@ -9,60 +9,15 @@ from typing import Mapping, Optional
 import paddle
 import yaml
 
-from .balancer import Balancer, Sum
-from .grad_norm_ratio import GradNormRatio
-from .gradnorm import GradNorm
-from .lr_annealing import LRAnnealing
-from .ntk import NTKWeighting
-from .relobralo import ReLoBRaLo
-from .softadapt import SoftAdapt
-from .surgery import ConFIG, MConFIG, PCGrad, UPGrad
-from .uncertainty import UncertaintyWeighting
-
-
-def _build_sum(model, **kw):
-    return Sum(**kw)
-
-
-def _build_lr_annealing(model, **kw):
-    return LRAnnealing(model, **kw)
-
-
-def _build_grad_norm(model, **kw):
-    wrapper = model if isinstance(model, GradNorm) else GradNorm(model, **kw)
-    if wrapper is model and kw:
-        raise ValueError(f"the model is already a GradNorm wrapper; remove keys {sorted(kw)} from the config")
-    return wrapper.aggregator
-
-
-def _build_ntk(model, **kw):
-    # `kernels` (callables) cannot come from YAML: pass them in a Python dict config, or use `mode: grad_norm`.
-    return NTKWeighting(model, **kw)
-
-
-#: name -> (builder, the constructor whose keyword arguments the config may use)
-REGISTRY = {
-    "sum": (_build_sum, Sum.__init__),
-    "lr_annealing": (_build_lr_annealing, LRAnnealing.__init__),
-    "grad_norm": (_build_grad_norm, GradNorm.__init__),
-    "ntk": (_build_ntk, NTKWeighting.__init__),
-    "grad_norm_ratio": (lambda model, **kw: GradNormRatio(model, **kw), GradNormRatio.__init__),
-    "relobralo": (lambda model, **kw: ReLoBRaLo(**kw), ReLoBRaLo.__init__),
-    "softadapt": (lambda model, **kw: SoftAdapt(**kw), SoftAdapt.__init__),
-    "uncertainty": (lambda model, **kw: UncertaintyWeighting(**kw), UncertaintyWeighting.__init__),
-    "pcgrad": (lambda model, **kw: PCGrad(model, **kw), PCGrad.__init__),
-    "conflict_free": (lambda model, **kw: ConFIG(model, **kw), ConFIG.__init__),
-    "m_conflict_free": (lambda model, **kw: MConFIG(model, **kw), MConFIG.__init__),
-    "upgrad": (lambda model, **kw: UPGrad(model, **kw), UPGrad.__init__),
-}
-
-_NOT_CONFIG = {"self", "model", "net", "kwargs", "args"}
+from .balancer import Balancer
+from .causal import CausalResidual
+from .checks import NOT_CONFIG as _NOT_CONFIG
+from .checks import build_from_keywords
+from .contract import REGISTRY, discover
+from .self_adaptive import SelfAdaptive
 
 
 def _loss_layers() -> dict:
-    from .causal import CausalResidual
-    from .self_adaptive import SelfAdaptive
-
     return {"causal": CausalResidual, "self_adaptive": SelfAdaptive}
 
 
@@ -87,12 +42,10 @@ def build_loss_layer(config) -> paddle.nn.Layer:
     name = cfg.pop("name", None)
     if name not in layers:
         raise ValueError(f"unknown loss layer name {name!r}; allowed: {sorted(layers)}")
-    cls = layers[name]
-    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in _NOT_CONFIG]
-    unknown = sorted(str(k) for k in cfg if k not in allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for loss layer {name!r}; allowed: {allowed}")
-    return cls(**cfg)
+    return build_from_keywords(layers[name], cfg, f"loss layer {name!r}")
+
+
+discover()  # every method's module registers it (`@register(name)`): REGISTRY maps name -> (builder, constructor)
 
 
 def allowed_keys(name: str) -> list:
@@ -131,8 +84,8 @@ def load_config(config) -> dict:
 def build_balancer(config, model: Optional[paddle.nn.Layer] = None) -> Balancer:
     """Build a balancer from ``{"name": ..., **constructor keyword arguments}`` or a YAML file.
 
-    ``name`` is a key of :data:`REGISTRY` (``sum``, ``lr_annealing``, ``grad_norm``, ``ntk``, ``grad_norm_ratio``,
-    ``relobralo``, ``softadapt``, ``uncertainty``, ``pcgrad``, ``conflict_free``, ``m_conflict_free``, ``upgrad``).
+    ``name`` is a key of :data:`~paddle_pinn_balance.contract.REGISTRY`, the names the methods register with
+    ``@register(name)`` (:func:`~paddle_pinn_balance.contract.method_names` lists them).
     A YAML file or a dict may hold the mapping at top level or under a ``balancer:`` key. Unknown names or keys raise
     ``ValueError`` listing the allowed ones; values are checked by the constructors. Nothing is evaluated.
 

@@ -9,6 +9,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_choice
+from .contract import register
 from .gradients import trainable_parameters
 
 RATIO_REDUCTIONS = ("sum", "mean")
@@ -28,6 +29,7 @@ def grad_norm_ratio_weights(norms: paddle.Tensor, reduction: str = "sum") -> pad
     return total / norms
 
 
+@register("grad_norm_ratio")
 class GradNormRatio(Balancer):
     r"""Grad-norm ratio weighting: each term's weight is the summed gradient norm over its own.
 
@@ -74,10 +76,11 @@ class GradNormRatio(Balancer):
         super().__init__(loss_names=loss_names, update_freq=update_freq, momentum=momentum, min_weight=min_weight,
                          max_weight=max_weight, eps=0.0, assemble=assemble, check_every=check_every)
 
-    def _update_from_gradients(self, losses, G):
+    def update(self, losses, G, state):
         norms = ops.row_norm(self._model_columns(G)).detach()
         raw = grad_norm_ratio_weights(norms, self.reduction)
-        self._set_weights(ops.where(ops.nonzero(norms), raw, ops.cast(self.lambdas, norms.dtype)), norms)
+        # a term whose gradient is zero keeps its weight; the norms are the guard's per-term statistic
+        return ops.where(ops.nonzero(norms), raw, ops.cast(state["weights"], norms.dtype)), {}, norms
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reduction={self.reduction!r}, momentum={self.momentum}"

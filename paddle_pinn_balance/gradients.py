@@ -303,64 +303,38 @@ def weights_first(params: Sequence[paddle.Tensor], first: Sequence[paddle.Tensor
     return list(first) + [p for p in params if id(p) not in ids]
 
 
-class Segments:
-    """Which flat-gradient entries belong to which parameter tensor, with whole-array reductions."""
+def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
+    """The parameters ``W`` whose gradient norms GradNorm equalises.
 
-    def __init__(self, params: Sequence[paddle.Tensor]):
-        self.sizes = [int(np.prod(p.shape)) for p in params]
-        n, s = sum(self.sizes), len(self.sizes)
-        mean = np.zeros([n, s], dtype=np.float32)
-        start = 0
-        for j, size in enumerate(self.sizes):
-            mean[start:start + size, j] = 1.0 / size
-            start += size
-        self._mean = paddle.to_tensor(mean)
-        self._count = paddle.to_tensor((mean > 0).astype(np.float32))
-
-    def _matrix(self, m: paddle.Tensor, dtype) -> paddle.Tensor:
-        return m if m.dtype == dtype else m.astype(dtype)
-
-    def mean(self, a: paddle.Tensor) -> paddle.Tensor:
-        """Per-segment mean of ``a`` (``[K, P]`` -> ``[K, S]``)."""
-        return paddle.matmul(a, self._matrix(self._mean, a.dtype))
-
-    def sum(self, a: paddle.Tensor) -> paddle.Tensor:
-        return paddle.matmul(a, self._matrix(self._count, a.dtype))
-
-    def max(self, a: paddle.Tensor) -> paddle.Tensor:
-        """Per-segment max of ``a`` (``[K, P]`` -> ``[K, S]``; ``paddle.amax`` on column slices: ``paddle.max``
-        and ``paddle.split`` warn at their first call on Paddle 3.2)."""
-        ends = np.cumsum(self.sizes).tolist()
-        return paddle.stack([paddle.amax(a[:, e - n:e], axis=1) for n, e in zip(self.sizes, ends)], axis=1)
-
-
-STATISTICS = ("max", "mean", "norm")
-REDUCTIONS = ("flat", "layer_mean", "layer_max_ratio")
-
-
-def ratio_statistics(G: paddle.Tensor, stat: str, reduction: str, segments: Segments) -> tuple:
-    """``(numerator, denominator)`` statistics of each row of ``G``, sharing one pass over ``|G|``.
-
-    * ``stat="max"``: ``max |g|`` over ``mean |g|``; ``"mean"``: ``mean |g|`` over ``mean |g|``;
-      ``"norm"``: ``||g||_2`` over ``||g||_2``.
-    * ``reduction="flat"``: over all entries; ``"layer_mean"``: means (norms) per parameter tensor, then
-      their mean (the max of per-tensor maxima is the global max); ``"layer_max_ratio"``: per parameter
-      tensor, shape ``[K, S]`` (the caller takes the max of the ratios).
+    In order: ``net.get_last_shared_layer()`` if the net defines it (its weight matrix, else its
+    parameters); else ``shared_params`` (parameters or parameter names of ``net``); else the last
+    weight matrix (a parameter with two or more dimensions) of ``net``.
     """
-    per_layer = reduction == "layer_max_ratio"
-    if stat == "norm":
-        if reduction == "flat":
-            v = ops.row_norm(G)
-        else:
-            v = paddle.sqrt(segments.sum(G * G))
-            v = v if per_layer else ops.row_mean(v)
-        return v, v
-    A = ops.abs(G)
-    if reduction == "flat":
-        den = ops.row_mean(A)
-    else:
-        den = segments.mean(A)
-        den = den if per_layer else ops.row_mean(den)
-    if stat == "mean":
-        return den, den
-    return (segments.max(A) if per_layer else ops.row_max(A)), den
+    if shared_params is not None:
+        if isinstance(shared_params, (str, paddle.Tensor)):
+            shared_params = [shared_params]
+        named = dict(net.named_parameters())
+        out = []
+        for p in shared_params:
+            if isinstance(p, str):
+                if p not in named:
+                    raise ValueError(f"`shared_params`: {p!r} is not a parameter of the net; it has {list(named)}")
+                p = named[p]
+            out.append(p)
+        return trainable_parameters(out)
+    getter = getattr(net, "get_last_shared_layer", None)
+    if callable(getter):
+        layer = getter()
+        if not isinstance(layer, paddle.nn.Layer):
+            raise ValueError(f"`get_last_shared_layer()` must return a paddle.nn.Layer; got {type(layer).__name__}")
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, paddle.Tensor) and not weight.stop_gradient:
+            return [weight]
+        return trainable_parameters(layer)
+    matrices = [p for p in net.parameters() if not p.stop_gradient and len(p.shape) >= 2]
+    if not matrices:
+        raise ValueError(
+            "GradNorm needs the last shared layer: the net has no `get_last_shared_layer()`, no "
+            "`shared_params` were given, and it has no trainable weight matrix"
+        )
+    return [matrices[-1]]

@@ -9,44 +9,14 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float, check_int
-from .gradients import flat_grad, mean_across_ranks, trainable_parameters, weights_first
-
-
-def shared_parameters(net: paddle.nn.Layer, shared_params=None) -> list:
-    """The parameters ``W`` whose gradient norms GradNorm equalises.
-
-    In order: ``net.get_last_shared_layer()`` if the net defines it (its weight matrix, else its
-    parameters); else ``shared_params`` (parameters or parameter names of ``net``); else the last
-    weight matrix (a parameter with two or more dimensions) of ``net``.
-    """
-    if shared_params is not None:
-        if isinstance(shared_params, (str, paddle.Tensor)):
-            shared_params = [shared_params]
-        named = dict(net.named_parameters())
-        out = []
-        for p in shared_params:
-            if isinstance(p, str):
-                if p not in named:
-                    raise ValueError(f"`shared_params`: {p!r} is not a parameter of the net; it has {list(named)}")
-                p = named[p]
-            out.append(p)
-        return trainable_parameters(out)
-    getter = getattr(net, "get_last_shared_layer", None)
-    if callable(getter):
-        layer = getter()
-        if not isinstance(layer, paddle.nn.Layer):
-            raise ValueError(f"`get_last_shared_layer()` must return a paddle.nn.Layer; got {type(layer).__name__}")
-        weight = getattr(layer, "weight", None)
-        if isinstance(weight, paddle.Tensor) and not weight.stop_gradient:
-            return [weight]
-        return trainable_parameters(layer)
-    matrices = [p for p in net.parameters() if not p.stop_gradient and len(p.shape) >= 2]
-    if not matrices:
-        raise ValueError(
-            "GradNorm needs the last shared layer: the net has no `get_last_shared_layer()`, no "
-            "`shared_params` were given, and it has no trainable weight matrix"
-        )
-    return [matrices[-1]]
+from .contract import register
+from .gradients import (
+    flat_grad,
+    mean_across_ranks,
+    shared_parameters,  # noqa: F401  (importable from here as before)
+    trainable_parameters,
+    weights_first,
+)
 
 
 def gradnorm_weight_gradient(norms: paddle.Tensor, losses: paddle.Tensor, initial_losses: paddle.Tensor,
@@ -127,7 +97,7 @@ class GradNormBalancer(Balancer):
     where
 
     * ``alpha``: the asymmetry :math:`\alpha` (1.5 on NYUv2, 0.12 on the paper's toy problem);
-    * :math:`W`: see :func:`shared_parameters` (``shared_params``);
+    * :math:`W`: see :func:`~paddle_pinn_balance.gradients.shared_parameters` (``shared_params``);
     * :math:`L_i(0)`: the losses of the first update (the first finite, positive one of each term;
       ``reset_initial_losses()`` takes them again);
     * ``weight_attr``: initial weights (a number, a list of ``T`` numbers, or a
@@ -379,6 +349,15 @@ def _weight_attr(weight_attr, n: int, dtype: str):
     return paddle.ParamAttr(initializer=paddle.nn.initializer.Assign(values.astype(dtype)))
 
 
+def _build_grad_norm(model, **kw):
+    """``build_balancer``'s builder: wrap the model (unless it is a wrapper already); the aggregator is the balancer."""
+    wrapper = model if isinstance(model, GradNorm) else GradNorm(model, **kw)
+    if wrapper is model and kw:
+        raise ValueError(f"the model is already a GradNorm wrapper; remove keys {sorted(kw)} from the config")
+    return wrapper.aggregator
+
+
+@register("grad_norm", build=_build_grad_norm)
 class GradNorm(paddle.nn.Layer):
     """GradNorm as a network wrapper (PaddlePaddle community design, 2022).
 

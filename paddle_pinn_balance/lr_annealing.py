@@ -12,15 +12,74 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, BalanceWarning, check_choice, check_float, check_int
-from .gradients import (
-    PARAM_SUBSETS,
-    REDUCTIONS,
-    STATISTICS,
-    Segments,
-    ratio_statistics,
-    trainable_parameters,
-    weights_first,
-)
+from .contract import register
+from .gradients import PARAM_SUBSETS, trainable_parameters, weights_first
+
+# --------------------------------------------------------------------------- LRA's gradient statistics
+
+
+class Segments:
+    """Which flat-gradient entries belong to which parameter tensor, with whole-array reductions."""
+
+    def __init__(self, params: Sequence[paddle.Tensor]):
+        self.sizes = [int(np.prod(p.shape)) for p in params]
+        n, s = sum(self.sizes), len(self.sizes)
+        mean = np.zeros([n, s], dtype=np.float32)
+        start = 0
+        for j, size in enumerate(self.sizes):
+            mean[start:start + size, j] = 1.0 / size
+            start += size
+        self._mean = paddle.to_tensor(mean)
+        self._count = paddle.to_tensor((mean > 0).astype(np.float32))
+
+    def _matrix(self, m: paddle.Tensor, dtype) -> paddle.Tensor:
+        return m if m.dtype == dtype else m.astype(dtype)
+
+    def mean(self, a: paddle.Tensor) -> paddle.Tensor:
+        """Per-segment mean of ``a`` (``[K, P]`` -> ``[K, S]``)."""
+        return paddle.matmul(a, self._matrix(self._mean, a.dtype))
+
+    def sum(self, a: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(a, self._matrix(self._count, a.dtype))
+
+    def max(self, a: paddle.Tensor) -> paddle.Tensor:
+        """Per-segment max of ``a`` (``[K, P]`` -> ``[K, S]``; ``paddle.amax`` on column slices: ``paddle.max``
+        and ``paddle.split`` warn at their first call on Paddle 3.2)."""
+        ends = np.cumsum(self.sizes).tolist()
+        return paddle.stack([paddle.amax(a[:, e - n:e], axis=1) for n, e in zip(self.sizes, ends)], axis=1)
+
+
+STATISTICS = ("max", "mean", "norm")
+REDUCTIONS = ("flat", "layer_mean", "layer_max_ratio")
+
+
+def ratio_statistics(G: paddle.Tensor, stat: str, reduction: str, segments: Segments) -> tuple:
+    """``(numerator, denominator)`` statistics of each row of ``G``, sharing one pass over ``|G|``.
+
+    * ``stat="max"``: ``max |g|`` over ``mean |g|``; ``"mean"``: ``mean |g|`` over ``mean |g|``;
+      ``"norm"``: ``||g||_2`` over ``||g||_2``.
+    * ``reduction="flat"``: over all entries; ``"layer_mean"``: means (norms) per parameter tensor, then
+      their mean (the max of per-tensor maxima is the global max); ``"layer_max_ratio"``: per parameter
+      tensor, shape ``[K, S]`` (the caller takes the max of the ratios).
+    """
+    per_layer = reduction == "layer_max_ratio"
+    if stat == "norm":
+        if reduction == "flat":
+            v = ops.row_norm(G)
+        else:
+            v = paddle.sqrt(segments.sum(G * G))
+            v = v if per_layer else ops.row_mean(v)
+        return v, v
+    A = ops.abs(G)
+    if reduction == "flat":
+        den = ops.row_mean(A)
+    else:
+        den = segments.mean(A)
+        den = den if per_layer else ops.row_mean(den)
+    if stat == "mean":
+        return den, den
+    return (segments.max(A) if per_layer else ops.row_max(A)), den
+
 
 #: variant -> (current lambda inside the denominator, weight of the new estimate)
 VARIANTS = {"siam": (True, 0.1), "arxiv": (False, 0.9)}
@@ -66,9 +125,9 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
       (\lambda_i \overline{|\nabla_{W_\ell} L_i|} + \epsilon)` (``arxiv``: without :math:`\lambda_i`).
     * ``statistic="mean"`` (PhysicsNeMo's code) puts :math:`\overline{|\nabla L_r|}` in the numerator,
       ``statistic="norm"`` uses :math:`\|\nabla L_r\|_2` over :math:`\|\nabla L_i\|_2`
-      (:func:`~paddle_pinn_balance.gradients.ratio_statistics`).
+      (:func:`~paddle_pinn_balance.lr_annealing.ratio_statistics`).
 
-    ``segments`` (a :class:`~paddle_pinn_balance.gradients.Segments` of the parameter tensors behind the
+    ``segments`` (a :class:`~paddle_pinn_balance.lr_annealing.Segments` of the parameter tensors behind the
     columns of ``G``) is needed by the ``layer_*`` reductions. The smoothing
     :math:`\lambda_i \leftarrow (1-\alpha)\lambda_i + \alpha\hat\lambda_i` (:math:`\alpha` 0.1 for
     ``siam``, 0.9 for ``arxiv``) is not part of this function (:class:`LRAnnealing` applies it).
@@ -119,6 +178,7 @@ def lra_estimates(G: paddle.Tensor, lambdas: paddle.Tensor, ref, free: Optional[
     return out + ops.where(has_ref, ops.filled(None, 0.0, out), ops.filled(None, math.nan, out)), den
 
 
+@register("lr_annealing")
 class LRAnnealing(Balancer):
     r"""Learning-rate annealing: weights from the residual's largest gradient over each term's mean gradient.
 

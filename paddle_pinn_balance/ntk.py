@@ -11,6 +11,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, BalanceWarning, check_choice, check_int
+from .contract import register
 from .grad_norm_ratio import grad_norm_ratio_weights
 from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
@@ -41,6 +42,7 @@ def ntk_trace_weights(traces: paddle.Tensor, counts: paddle.Tensor | None = None
     return ops.where(ok, w, ops.filled(s.shape[0], math.nan, w))
 
 
+@register("ntk")
 class NTKWeighting(Balancer):
     r"""NTK weighting: each term's weight is the total NTK trace over the trace of its own NTK block.
 
@@ -134,6 +136,14 @@ class NTKWeighting(Balancer):
           points then: no global random state is saved or rewound, other threads' draws are left alone). Use
           ``path="loop"`` for kernels that mix points. A kernel's values in another floating dtype than the
           model's (a float64 forcing term) are cast to the model's.
+        * How the fast path records: while a kernel runs, ``paddle.matmul``, ``add``, ``subtract``, ``multiply``,
+          ``divide``, ``broadcast_to``, ``expand``, ``paddle.nn.functional.linear`` and 14 operator methods of
+          every Parameter (``EagerParamBase``: ``+ - * / @ **``, reflected, unary ``-``, ``norm``) are replaced
+          process-wide,
+          and restored when the kernel returns or raises. Only the recording thread's calls on the model's
+          own parameters are recorded; every other call (another thread's, other tensors) passes through to
+          what was installed when the recording began (another library's patch of ``paddle.add`` stays in
+          effect). Code that replaces those functions itself *while* a kernel runs is not supported.
         * Two NTK balancers updating at once in two threads of one process crash it: Paddle's own
           ``paddle.grad(..., create_graph=True)`` is not safe in concurrent threads.
         * With ``mode="grad_norm"`` and ``reduction="sum"`` this is PaddleScience's ``NTK`` (a ratio of

@@ -34,8 +34,9 @@ The fast path needs entry ``p`` of the kernel to depend on row ``p`` of the mode
 residual, boundary and initial terms); the point check above verifies it. Patching: while a kernel runs on
 the fast path, ``paddle.matmul``, ``paddle.add`` / ``subtract`` / ``multiply`` / ``divide`` /
 ``broadcast_to`` / ``expand``, ``paddle.nn.functional.linear`` and the arithmetic operators of
-``Parameter`` are replaced by recording versions (restored afterwards, also on errors); do not evaluate
-the same parameters in another thread meanwhile.
+``Parameter`` are replaced by recording versions (restored afterwards, also on errors); only the recording
+thread's calls on the model's parameters are recorded, every other call passes through to what was installed
+when the recording began (:mod:`paddle_pinn_balance.recording`).
 """
 
 from __future__ import annotations

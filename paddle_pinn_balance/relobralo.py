@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import paddle
-
 from . import ops
 from .balancer import Balancer, check_float, check_int
+from .contract import Slot, pick, ready, register
 
 _MASK64 = (1 << 64) - 1
 
@@ -58,6 +57,7 @@ def relobralo_weights(losses, init_losses, prev_losses, prev_weights, rho: float
     return ops.lerp(bal, ops.cast(hist, bal.dtype), ops.filled(None, alpha, bal))  # (1 - alpha) bal + alpha hist
 
 
+@register("relobralo")
 class ReLoBRaLo(Balancer):
     r"""ReLoBRaLo (Bischof & Kraus 2021): weights from loss ratios, with a random look-back to :math:`L(0)`.
 
@@ -125,15 +125,11 @@ class ReLoBRaLo(Balancer):
                          max_weight=max_weight, eps=eps, check_every=check_every)
         self.eps = check_float("eps", eps, 0.0)
 
-    def _create_state(self, k):
-        super()._create_state(k)
-        self.register_buffer("init_losses", paddle.ones([k], dtype=self._state_dtype()))
-        self.register_buffer("prev_losses", paddle.ones([k], dtype=self._state_dtype()))
-        self.register_buffer("initialised", paddle.zeros([k], dtype="bool"))  # an update has taken L(0)
-        self.register_buffer("lookback_seed", paddle.to_tensor([self.seed], dtype="int64"))
+    history = 1  # L(0), then L(t-1)
 
-    def _extra_state_shapes(self, k):
-        return {"init_losses": [k], "prev_losses": [k], "initialised": [k], "lookback_seed": [1]}
+    def state_spec(self, k):
+        return {"init_losses": Slot([k], 1.0), "prev_losses": Slot([k], 1.0),
+                "lookback_seed": Slot([1], self.seed, "int64")}
 
     def _check_state(self, arrays, names):
         super()._check_state(arrays, names)
@@ -143,22 +139,15 @@ class ReLoBRaLo(Balancer):
         super()._after_load()
         self.seed = int(self.lookback_seed.numpy()[0])
 
-    def _update(self, values):
-        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
-        L, prev = ops.cast(self._losses_now, b["lambdas"].dtype), b["prev_losses"]
-        rho = lookback_draw(self.seed, self._host["step"], self.expected_rho)
-        known = self._host.get("initialised")  # every L(0) taken, as read on the host: no flag arithmetic
-        ready = None if known else b["initialised"]
-        init = b["init_losses"] if known else ops.where(ready, b["init_losses"], L)  # a first update takes L(0)
-        w = relobralo_weights(L, init, prev, b["lambdas"], rho, self.alpha, self.tau, self.eps)
-        if not known:  # a term's first update gives weight 1
-            w = ops.where(ready, w, ops.filled(L.shape[0], 1.0, L))
-        ok = self._set_weights(w)  # False: skipped, all kept
-        b["prev_losses"] = ops.where(ok, L, prev)
-        if not known:
-            b["init_losses"] = ops.where(ok, init, b["init_losses"])
-            b["initialised"] = ready | ok
-            self._learn_initialised(b["initialised"])
+    def update(self, losses, G, state):
+        rho = lookback_draw(self.seed, state["step"], self.expected_rho)
+        first = ready(state["taken"])  # None: every L(0) taken, known on the host (no flag arithmetic)
+        init = pick(first, state["init_losses"], losses)  # a first update takes L(0)
+        w = relobralo_weights(losses, init, state["prev_losses"], state["weights"], rho, self.alpha, self.tau,
+                              self.eps)
+        if first is not None:  # a term's first update gives weight 1
+            w = ops.where(first, w, ops.filled(losses.shape[0], 1.0, losses))
+        return w, {"prev_losses": losses, "init_losses": init}
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, alpha={self.alpha}, expected_rho={self.expected_rho}, tau={self.tau}, "

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 
-from .balancer import check_int
+from .checks import is_int
 from .plots import plot_comparison, plot_curves, plot_run
 
 __all__ = ["DEFAULT_ITERS", "DEMO", "SHIPPED", "UsageError", "benchmark_path", "check_balancers", "demo",
@@ -67,14 +67,6 @@ DEMO = {
 
 def _fail(path, message, command="run"):
     raise UsageError(f"pinn-balance {command}: error: {path}: {message}")
-
-
-def _is_int(value, minimum=1) -> bool:
-    try:
-        check_int("value", value, minimum)
-    except ValueError:
-        return False
-    return True
 
 
 def shipped_benchmarks() -> list:
@@ -156,14 +148,14 @@ def load_benchmark(path, overrides=None, name: str | None = None) -> dict:
         problem = get_problem(name, **settings)
     except (TypeError, ValueError) as e:
         _fail(path, f"bad settings for problem {name!r}: {' '.join(str(e).split())}")
-    if not _is_int(spec["iters"]):
+    if not is_int(spec["iters"]):
         _fail(path, f"`iters` must be an integer >= 1; got {spec['iters']!r}")
     seeds = spec.get("seeds", 1)
-    if _is_int(seeds):
+    if is_int(seeds):
         seeds = list(range(seeds))
-    elif not (isinstance(seeds, list) and seeds and all(_is_int(s, 0) for s in seeds)):
+    elif not (isinstance(seeds, list) and seeds and all(is_int(s, 0) for s in seeds)):
         _fail(path, f"`seeds` must be a count >= 1 or a list of integers >= 0; got {seeds!r}")
-    if "log_every" in spec and not _is_int(spec["log_every"]):
+    if "log_every" in spec and not is_int(spec["log_every"]):
         _fail(path, f"`log_every` must be an integer >= 1; got {spec['log_every']!r}")
     methods = spec["methods"]
     if not isinstance(methods, list) or not methods:

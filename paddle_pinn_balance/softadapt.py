@@ -8,6 +8,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_choice, check_float
+from .contract import Slot, pick, ready, register
 
 VARIANTS = ("difference", "normalized", "loss_weighted", "ratio")
 
@@ -35,6 +36,7 @@ def softadapt_weights(losses, prev_losses, beta: float, variant: str = "differen
     return e / ops.scale(ops.total(e), 1.0, eps)
 
 
+@register("softadapt")
 class SoftAdapt(Balancer):
     r"""SoftAdapt (Heydari et al. 2019): weights from a softmax of the losses' rates of change.
 
@@ -81,25 +83,15 @@ class SoftAdapt(Balancer):
         super().__init__(loss_names=loss_names, update_freq=update_freq, momentum=momentum, min_weight=min_weight,
                          max_weight=max_weight, eps=eps, check_every=check_every)
 
-    def _create_state(self, k):
-        super()._create_state(k)
-        self.register_buffer("prev_losses", paddle.zeros([k], dtype=self._state_dtype()))
-        self.register_buffer("initialised", paddle.zeros([k], dtype="bool"))  # an update has taken L(t-1)
+    history = 1  # L(t-1)
 
-    def _extra_state_shapes(self, k):
-        return {"prev_losses": [k], "initialised": [k]}
+    def state_spec(self, k):
+        return {"prev_losses": Slot([k], 0.0)}  # L(t-1)
 
-    def _update(self, values):
-        b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
-        L, prev = ops.cast(self._losses_now, b["lambdas"].dtype), b["prev_losses"]
-        known = self._host.get("initialised")  # every L(t-1) taken, as read on the host: no flag arithmetic
-        ready = None if known else b["initialised"]
-        ref = prev if known else ops.where(ready, prev, L)  # a first update compares L with itself (equal rates)
-        ok = self._set_weights(softadapt_weights(L, ref, self.beta, self.variant, self.eps))  # False: skipped
-        b["prev_losses"] = ops.where(ok, L, prev)
-        if not known:
-            b["initialised"] = ready | ok
-            self._learn_initialised(b["initialised"])
+    def update(self, losses, G, state):
+        # a first update compares L with itself (equal rates)
+        ref = pick(ready(state["taken"]), state["prev_losses"], losses)
+        return softadapt_weights(losses, ref, self.beta, self.variant, self.eps), {"prev_losses": losses}
 
     def extra_repr(self):
         return f"{super().extra_repr()}, beta={self.beta}, variant={self.variant!r}"

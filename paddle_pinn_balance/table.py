@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-from .balancer import check_int
+from .checks import is_int
 from .plots import _fmt, plot_heatmap
 from .runner import _fail, read_yaml
 
@@ -48,14 +48,6 @@ __all__ = ["load_table", "run_table", "summarise", "table_text"]
 _TOP_KEYS = {"iters", "seeds", "problems", "methods", "description", "log_every"}
 _PROBLEM_KEYS = {"label", "problem", "settings", "iters", "skip", "note"}
 _METHOD_KEYS = {"label", "title", "balancer", "note"}
-
-
-def _int(value, minimum) -> bool:
-    try:
-        check_int("value", value, minimum)
-    except ValueError:
-        return False
-    return True
 
 
 def load_table(path: str, iters: int | None = None, seeds: int | None = None) -> dict:
@@ -80,12 +72,12 @@ def load_table(path: str, iters: int | None = None, seeds: int | None = None) ->
         if not isinstance(spec.get(key), list) or not spec[key]:
             fail(f"`{key}` must be a non-empty list of mappings")
     default_iters = spec.get("iters")
-    if default_iters is not None and not _int(default_iters, 1):
+    if default_iters is not None and not is_int(default_iters, 1):
         fail(f"`iters` must be an integer >= 1; got {default_iters!r}")
     seed_list = spec.get("seeds", 1) if seeds is None else seeds
-    if _int(seed_list, 1):
+    if is_int(seed_list, 1):
         seed_list = list(range(seed_list))
-    elif not (isinstance(seed_list, list) and seed_list and all(_int(s, 0) for s in seed_list)
+    elif not (isinstance(seed_list, list) and seed_list and all(is_int(s, 0) for s in seed_list)
               and len(set(seed_list)) == len(seed_list)):
         fail(f"`seeds` must be a count >= 1 or a list of distinct integers >= 0; got {seed_list!r}")
 
@@ -128,7 +120,7 @@ def load_table(path: str, iters: int | None = None, seeds: int | None = None) ->
         budget = iters if iters is not None else p.get("iters", default_iters)
         if budget is None:
             fail(f"problem {label!r}: no `iters` (give one for the problem or for the whole table)")
-        if not _int(budget, 1):
+        if not is_int(budget, 1):
             fail(f"problem {label!r}: `iters` must be an integer >= 1; got {budget!r}")
         skip = p.get("skip") or []
         if not isinstance(skip, list) or any(s not in labels for s in skip):

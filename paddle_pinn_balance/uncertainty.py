@@ -8,6 +8,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float
+from .contract import register
 from .gradients import rank_mean_gradient
 
 
@@ -22,6 +23,7 @@ def uncertainty_total(losses, log_vars):
     return (0.5 * paddle.exp(-s) * losses + 0.5 * s).sum()
 
 
+@register("uncertainty")
 class UncertaintyWeighting(Balancer):
     r"""Uncertainty weighting (Kendall et al. 2018): learnable :math:`s_j = \log\sigma_j^2`, one per term.
 

@@ -7,13 +7,14 @@ import pkgutil
 import pytest
 
 import paddle_pinn_balance
+from paddle_pinn_balance.contract import discover
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(paddle_pinn_balance.__path__, "paddle_pinn_balance.")
                  if m.name != "paddle_pinn_balance.__main__")
 
 #: the modules whose docstrings show a worked example (each method's class at least)
-WITH_EXAMPLES = {"balancer", "causal", "config", "grad_norm_ratio", "gradnorm", "lr_annealing", "ntk", "relobralo",
-                 "self_adaptive", "softadapt", "surgery", "uncertainty"}
+WITH_EXAMPLES = {"balancer", "causal", "config", "self_adaptive"} | {
+    builder.method_class.__module__.rsplit(".", 1)[-1] for builder, _ in discover().values()}
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_pinn_balance import expanded
+from paddle_pinn_balance import expanded, recording
 from paddle_pinn_balance.per_point import per_point_sq_grad_norms
 from paddle_pinn_balance.problems import MLP as ProblemMLP
 from paddle_pinn_balance.problems.nets import sequential_mlp
@@ -427,7 +427,7 @@ def test_interception_is_removed_after_every_call():
     with pytest.raises(RuntimeError, match="own error"):
         per_point_sq_grad_norms(net, failing)
     after = (dict(EagerParamBase.__dict__), paddle.matmul, paddle.nn.functional.linear, paddle.add)
-    assert after == before and expanded._ACTIVE is None
+    assert after == before and recording._ACTIVE is None
 
 
 def test_fallback_draws_again_and_rewinds_no_random_state():

@@ -80,6 +80,7 @@ SOLVER_CONFIGS = {
     "conflict_free": {},
     "upgrad": {},
     "m_conflict_free": {},
+    "dwa": {},
 }
 #: methods whose weights stay 1 by design (the surgery methods change the direction, not the weights)
 FIXED_WEIGHTS = ("sum", "pcgrad", "conflict_free", "upgrad", "m_conflict_free")

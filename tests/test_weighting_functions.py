@@ -18,7 +18,7 @@ from paddle_pinn_balance import (
     lra_estimates,
     ntk_trace_weights,
 )
-from paddle_pinn_balance.gradients import Segments
+from paddle_pinn_balance.lr_annealing import Segments
 
 
 def T(x, dtype=None):

@@ -1,0 +1,75 @@
+"""Argument checks shared by every module: a clear ``ValueError`` naming the argument (``check_int``,
+``check_float``, ``check_choice``), the one integer test of the command-line configs (:func:`is_int`) and the
+keyword-config builder of the per-point loss layers (:func:`build_from_keywords`)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import numbers
+from typing import Mapping, Sequence
+
+__all__ = ["check_int", "check_float", "check_choice", "is_int", "build_from_keywords"]
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """Return ``value`` as int, or raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_float(name, value, low=None, high=None, low_open=False, high_open=False, optional=False):
+    """Return ``value`` as a finite float inside the given interval, or raise ``ValueError``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        hint = ""
+        with contextlib.suppress(ValueError):
+            mantissa, exponent = f"{float(value):.1e}".split("e")
+            hint = f" (YAML reads {value} as a string: write {mantissa}e{int(exponent)})"
+        raise ValueError(f"`{name}` must be a finite number; got the string {value!r}{hint}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number; got {value!r}")
+    value = float(value)
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ValueError(
+            f"`{name}` must be in {lb}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{hb}; got {value!r}"
+        )
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, or raise ``ValueError`` naming ``name`` and listing them."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def is_int(value, minimum: int = 1) -> bool:
+    """Whether :func:`check_int` accepts ``value`` (an integer, not a bool, at least ``minimum``)."""
+    try:
+        check_int("value", value, minimum)
+    except ValueError:
+        return False
+    return True
+
+
+#: constructor arguments that are never configuration keys
+NOT_CONFIG = frozenset({"self", "model", "net", "kwargs", "args"})
+
+
+def build_from_keywords(cls, config: Mapping, what: str):
+    """``cls(**config)`` after checking that every key is a keyword argument of ``cls.__init__`` (``ValueError``
+    naming the unknown keys and listing the allowed ones; ``what`` names the thing built in the message)."""
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in NOT_CONFIG]
+    unknown = sorted(str(k) for k in config if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for {what}; allowed: {allowed}")
+    return cls(**config)

@@ -1,0 +1,155 @@
+"""The method contract: how a balancing method plugs into the core, as code (registry, state slots, helpers).
+
+A method is one class, in one module, registered with :func:`register`::
+
+    @register("dwa")
+    class DWA(Balancer):
+        history = 2                                   # earlier losses the update reads (0: none)
+
+        def state_spec(self, k):                      # its state, declared once
+            return {"prev_losses": Slot([2, k], 1.0)}
+
+        def update(self, losses, G, state):           # pure: no attribute is written
+            ...
+            return raw_weights, {"prev_losses": new_prev}
+
+The pure update maps ``(losses, G or None, state) -> (raw weights, new state)``:
+
+* ``losses``: this update call's losses, one detached vector in the state's dtype, averaged over the
+  data-parallel ranks;
+* ``G``: ``None`` for a method that reads the losses only; with ``needs_gradients = True`` (and ``self._params``
+  set before the base constructor) the per-term gradients ``[k, P]``, taken once, rank-averaged; the update step's
+  total then delivers ``w^T G`` without a second backward;
+* ``state``: ``{name: tensor}`` for every declared slot, plus ``"taken"`` when ``history > 0``: the per-term
+  number of earlier accepted updates (saturating at ``history``; int64), or ``None`` once every term has
+  ``history`` of them (the host knows it: the method skips its first-call arithmetic; see :func:`pick`);
+* returns the raw weights (shape ``[k]``; smoothing, bounds and the guard are the base's) and the slots it
+  changes (a slot left out, or returned as the very tensor it received, costs nothing); a gradient-reading
+  method returns a third element, the per-term gradient statistic (non-finite exactly when the term's gradient
+  is, 0 when it is zero: the guard and the warnings read it).
+
+The base (:class:`~paddle_pinn_balance.balancer.Balancer`) owns the rest, once for every method: registering
+the slots as buffers and checkpointing them (shapes checked from the declaration), momentum, bounds, the
+non-finite guard (an update whose weights or losses are non-finite is rejected whole: the weights *and every
+slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters (buffer ``initialised``), the
+warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
+<paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
+
+On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only) and the grad-norm ratio (gradients). LRA, NTK, GradNorm,
+uncertainty and gradient surgery still use the older hooks ``_update_from_gradients`` / ``_update`` /
+``_direction``; ``docs/adding-a-method.md`` shows the contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+__all__ = ["REGISTRY", "Slot", "register", "discover", "method_names", "pick", "ready", "check_contract"]
+
+#: balancer name -> (builder ``(model, **kw) -> Balancer``, the constructor whose keyword arguments a config may use);
+#: filled by :func:`register` when a method's module is imported (:func:`discover` imports them all)
+REGISTRY: dict = {}
+
+
+class Slot(NamedTuple):
+    """One piece of a method's state, declared in ``state_spec(k)``: a buffer of ``shape`` (a list of ints;
+    the number of terms ``k`` written as an int) filled with ``init``; ``dtype`` ``None`` is the balancer's state
+    dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``)."""
+
+    shape: Sequence[int]
+    init: Union[float, int, Sequence] = 0.0
+    dtype: Optional[str] = None
+
+
+def _default_builder(cls) -> Callable:
+    params = list(inspect.signature(cls.__init__).parameters)
+    takes_model = len(params) > 1 and params[1] in ("model", "net")
+
+    def build(model, **kw):
+        return cls(model, **kw) if takes_model else cls(**kw)
+
+    return build
+
+
+def register(name: str, build: Optional[Callable] = None) -> Callable:
+    """Class decorator: make a balancer class buildable as ``build_balancer({"name": name, ...})``.
+
+    ``build(model, **kw)`` builds it (default: ``cls(model, **kw)`` when the constructor's first argument is
+    ``model`` or ``net``, else ``cls(**kw)``); the config keys allowed are the constructor's keyword arguments.
+    A name registered twice by different classes is an error."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"a balancer name must be a lower-case identifier; got {name!r}")
+
+    def deco(cls):
+        old = REGISTRY.get(name)
+        other = None if old is None else old[0].method_class
+        if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"balancer name {name!r} is registered twice ({other.__name__}, {cls.__name__})")
+        builder = build or _default_builder(cls)
+        builder.method_class = cls
+        REGISTRY[name] = (builder, cls.__init__)
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def discover() -> dict:
+    """Import every module of the package that registers a method (its source holds ``@register(``) and return
+    :data:`REGISTRY`: a new method's module is found without being listed anywhere."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg or info.name.startswith("_") or info.name == "contract":
+            continue
+        spec = importlib.util.find_spec(f"{__package__}.{info.name}")
+        origin = getattr(spec, "origin", None)
+        if origin and origin.endswith(".py"):
+            with open(origin, encoding="utf-8") as f:
+                if "\n@register(" not in f.read():
+                    continue
+        importlib.import_module(f"{__package__}.{info.name}")
+    return REGISTRY
+
+
+def method_names() -> list:
+    """The registered balancer names, sorted (every list of methods in the docs and tests is checked against it)."""
+    return sorted(discover())
+
+
+def ready(taken, n: int = 1):
+    """Which terms have ``n`` earlier losses: ``None`` (all of them, known on the host) or a bool vector."""
+    return None if taken is None else taken >= n
+
+
+def pick(flags, yes, no):
+    """``where(flags, yes, no)``, or ``yes`` when ``flags`` is ``None`` (every term ready: no device operation)."""
+    if flags is None:
+        return yes
+    from . import ops
+
+    return ops.where(flags, yes, no)
+
+
+#: state names a method may not declare: the base's own, and the extra keys of ``state``
+_RESERVED = frozenset({"taken", "weights", "step", "lambdas", "initialised", "num_calls", "num_updates",
+                       "last_update_step", "names_utf8", "method_utf8", "scale_min", "scale_nonfinite"})
+_LEGACY = ("_update", "_update_from_gradients", "_create_state", "_extra_state_shapes", "_total", "_direction")
+
+
+def check_contract(cls, base) -> None:
+    """Raise ``TypeError`` unless ``cls`` (a subclass of ``base`` that defines ``update``) follows the contract:
+    ``update(self, losses, G, state)``, ``history`` a non-negative int, the state only in ``state_spec``, none of the
+    older hooks (called by ``Balancer.__init_subclass__``)."""
+    params = list(inspect.signature(cls.update).parameters)
+    if params != ["self", "losses", "G", "state"]:
+        raise TypeError(f"{cls.__name__}.update must be `update(self, losses, G, state)`; got ({', '.join(params)})")
+    if isinstance(cls.history, bool) or not isinstance(cls.history, int) or cls.history < 0:
+        raise TypeError(f"{cls.__name__}.history must be a non-negative int; got {cls.history!r}")
+    legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(base, h, None)]
+    if legacy:
+        raise TypeError(f"{cls.__name__} defines `update` and the older hook(s) {legacy}: declare the state in "
+                        "`state_spec` and do all of the update in `update`")
