@@ -72,6 +72,10 @@ def plot_run(problem, results: dict, models: dict, out: str) -> list:
         return []
     files = [_plot_weights(Figure, problem, results, out), _plot_losses(Figure, problem, results, out),
              _plot_error(Figure, problem, results, out)]
+    if any(r["history"].get("wall_s") for r in results.values()):
+        files.append(_plot_error_time(Figure, problem, results, out))
+    if any(r["history"].get("monitor") for r in results.values()):
+        files.append(_plot_causal(Figure, problem, results, out))
     if len(problem.grid_shape) in (1, 2) and len(problem.axis_labels) == len(problem.grid_shape) \
             and problem.axis_labels != ("sample",):
         for key, run in results.items():
@@ -131,6 +135,44 @@ def _plot_error(Figure, problem, results, out):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, os.path.join(out, "rel_l2.png"))
+
+
+def _plot_error_time(Figure, problem, results, out):
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for run in results.values():
+        h = run["history"]
+        if h.get("wall_s"):
+            ax.plot(h["wall_s"], h["rel_l2"], label=run["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall time (s; error evaluations excluded)")
+    ax.set_ylabel(f"{getattr(problem, 'error_name', 'relative $L_2$ error')} (log scale)")
+    ax.set_title(f"{problem.name}: test error against wall time", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, os.path.join(out, "rel_l2_time.png"))
+
+
+def _plot_causal(Figure, problem, results, out):
+    """The causal residual's epsilon (left) and minimum chunk weight (right) against iterations."""
+    fig = Figure(figsize=(11, 4.0), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for run in results.values():
+        h = run["history"]
+        mon = h.get("monitor") or {}
+        if "causal_eps" in mon:
+            left.plot(h["step"], mon["causal_eps"], label=run["label"])
+            right.plot(h["step"], mon["causal_min_weight"], label=run["label"])
+    left.set_yscale("log")
+    left.set_ylabel("causal $\\epsilon$ (log scale)")
+    right.set_ylabel("$\\min_i w_i$ (causal weight of the last time chunk)")
+    right.set_ylim(-0.02, 1.02)
+    for ax in (left, right):
+        ax.set_xlabel("iteration")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{problem.name}: causal training schedule")
+    return _save(fig, os.path.join(out, "causal.png"))
 
 
 def _plot_fields(Figure, problem, run, model, path):
