@@ -18,7 +18,8 @@ from paddle_pinn_balance.problems.recipe import RecipeNet, check_net
 from paddle_pinn_balance.runner import load_benchmark, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml")))
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml"))
+                 if os.path.basename(p) != "table.yaml")
 SMALL = ["n_res=32", "batch_size=16", "net={width: 8, depth: 2, fourier_dim: 8}"]
 SMALL_AC = ["ref_n=32", "ref_dt=0.01", "save_dt=0.05"]
 NET = {"width": 8, "depth": 2, "fourier_dim": 8}
@@ -42,6 +43,18 @@ def test_recipe_yaml_loads_and_every_method_runs_a_few_steps(path, tmp_path):
         h = m["history"]
         assert np.isfinite(m["rel_l2"]) and set(h["loss"]) == {"res", "ic"}
         assert len(h["wall_s"]) == len(h["step"]) and len(h["monitor"]["causal_eps"]) == len(h["step"])
+
+
+def test_recipe_table_rows_load_with_the_recipe_settings():
+    from paddle_pinn_balance.table import load_table
+
+    spec = load_table(os.path.join(ROOT, "examples", "recipes", "table.yaml"))
+    rows = {p["label"]: p for p in spec["problems"]}
+    assert {"convection1d", "convection1d+recipe", "allen_cahn1d", "allen_cahn1d+recipe"} <= set(rows)
+    for name in ("convection", "allen_cahn"):
+        recipe = load_benchmark(os.path.join(ROOT, "examples", "recipes", f"{name}.yaml"))
+        row = rows[recipe["problem"] + "+recipe"]["settings"]
+        assert row["net"] == recipe["settings"]["net"] and row["causal"] == recipe["settings"]["causal"]
 
 
 def np_recipe_net(net, xt):
