@@ -60,7 +60,7 @@ def test_recipe_table_rows_load_with_the_recipe_settings():
 def np_recipe_net(net, xt):
     """Independent numpy forward of RecipeNet from its parameters (module docstring formulas)."""
     p = {k: v.numpy().astype(np.float64) for k, v in net.state_dict().items()}
-    x, t = xt[:, 0:1], xt[:, 1:2]
+    x, t = xt[:, 0:1], net.t_scale * xt[:, 1:2]
     z = np.concatenate([t, np.cos(net.omega * x), np.sin(net.omega * x)], 1)
     zb = z @ p["B"]
     z = np.concatenate([np.cos(zb), np.sin(zb)], 1)
@@ -75,7 +75,7 @@ def np_recipe_net(net, xt):
 
 def test_recipe_net_matches_numpy_and_is_periodic():
     paddle.seed(0)
-    net = RecipeNet(width=8, depth=3, x_range=(-1.0, 1.0), fourier_dim=6, fourier_scale=2.0)
+    net = RecipeNet(width=8, depth=3, x_range=(-1.0, 1.0), fourier_dim=6, fourier_scale=2.0, t_scale=3.0)
     xt = np.random.default_rng(0).uniform([-1, 0], [1, 1], (20, 2))
     out = net(paddle.to_tensor(xt.astype(DTYPE))).numpy()
     np.testing.assert_allclose(out, np_recipe_net(net, xt), rtol=1e-4, atol=1e-5)

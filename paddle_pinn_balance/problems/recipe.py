@@ -33,7 +33,8 @@ from ..balancer import check_float, check_int
 __all__ = ["NET_KEYS", "RecipeNet", "check_causal", "check_net"]
 
 #: Keys of the ``net`` setting and their defaults.
-NET_KEYS = {"width": 128, "depth": 4, "periodic": True, "fourier_dim": 128, "fourier_scale": 1.0, "modified": True}
+NET_KEYS = {"width": 128, "depth": 4, "periodic": True, "fourier_dim": 128, "fourier_scale": 1.0, "modified": True,
+            "t_scale": 1.0}
 _CAUSAL_KEYS = ("n_chunks", "eps", "eps_schedule", "delta", "reduction")
 
 
@@ -53,6 +54,7 @@ def check_net(net) -> dict | None:
     if out["fourier_dim"] % 2:
         raise ValueError(f"`net.fourier_dim` must be even (cos and sin halves); got {out['fourier_dim']}")
     out["fourier_scale"] = check_float("net.fourier_scale", out["fourier_scale"], 0.0, low_open=True)
+    out["t_scale"] = check_float("net.t_scale", out["t_scale"], 0.0, low_open=True)
     for key in ("periodic", "modified"):
         if not isinstance(out[key], bool):
             raise ValueError(f"`net.{key}` must be true or false; got {out[key]!r}")
@@ -92,16 +94,19 @@ class RecipeNet(paddle.nn.Layer):
             ``[-1, 1]`` when ``periodic`` is false.
         periodic: embed ``x`` periodically. fourier_dim: number of Fourier features (0: none; even).
         fourier_scale: :math:`s`, the standard deviation of :math:`B`. modified: the modified (gated) MLP.
+        t_scale: :math:`T`, the network sees :math:`\\tau = T t` (a time unit of its own: the Expert's Guide's
+            non-dimensionalisation, Sec. 3; for convection :math:`T = \\beta` makes the solution
+            :math:`\\sin(x - \\tau)`, of unit frequency in both inputs).
 
-    ``t`` enters as it is (``[0, 1]``); :math:`B` is drawn from ``paddle``'s generator (seed it first) and is a
+    :math:`B` is drawn from ``paddle``'s generator (seed it first) and is a
     buffer, not trained.
     """
 
     def __init__(self, width: int, depth: int, x_range, periodic: bool = True, fourier_dim: int = 128,
-                 fourier_scale: float = 1.0, modified: bool = True):
+                 fourier_scale: float = 1.0, modified: bool = True, t_scale: float = 1.0):
         super().__init__()
         x0, x1 = (float(v) for v in x_range)
-        self.periodic, self.modified = bool(periodic), bool(modified)
+        self.periodic, self.modified, self.t_scale = bool(periodic), bool(modified), float(t_scale)
         self.omega = 2.0 * math.pi / (x1 - x0)
         self.x_mid, self.x_half = 0.5 * (x0 + x1), 0.5 * (x1 - x0)
         d = 3 if self.periodic else 2
@@ -119,7 +124,7 @@ class RecipeNet(paddle.nn.Layer):
         self.out = paddle.nn.Linear(width, 1, **init)
 
     def embed(self, xt):
-        x, t = xt[:, 0:1], xt[:, 1:2]
+        x, t = xt[:, 0:1], xt[:, 1:2] * self.t_scale
         if self.periodic:
             z = paddle.concat([t, paddle.cos(self.omega * x), paddle.sin(self.omega * x)], axis=1)
         else:
