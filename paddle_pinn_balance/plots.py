@@ -162,10 +162,12 @@ def _plot_causal(Figure, problem, results, out):
         mon = h.get("monitor") or {}
         if "causal_eps" in mon:
             left.plot(h["step"], mon["causal_eps"], label=run["label"])
-            right.plot(h["step"], mon["causal_min_weight"], label=run["label"])
+            right.plot(h["step"], mon["causal_min_weight"], label=f"{run['label']}: min")
+            if "causal_mean_weight" in mon:
+                right.plot(h["step"], mon["causal_mean_weight"], linestyle="--", label=f"{run['label']}: mean")
     left.set_yscale("log")
     left.set_ylabel("causal $\\epsilon$ (log scale)")
-    right.set_ylabel("$\\min_i w_i$ (causal weight of the last time chunk)")
+    right.set_ylabel("causal weights: $\\min_i w_i$ (last chunk), mean")
     right.set_ylim(-0.02, 1.02)
     for ax in (left, right):
         ax.set_xlabel("iteration")

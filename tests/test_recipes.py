@@ -126,7 +126,8 @@ def test_causal_schedule_advances_when_its_threshold_is_met_and_restarts_per_run
     for param in model.out.parameters():  # a constant network: u_t + beta u_x = 0 exactly
         param.set_value(paddle.zeros_like(param))
     p.losses(model, batch)
-    assert p.monitor() == {"causal_eps": pytest.approx(1.0), "causal_min_weight": pytest.approx(1.0)}
+    assert p.monitor() == {"causal_eps": pytest.approx(1.0), "causal_min_weight": pytest.approx(1.0),
+                           "causal_mean_weight": pytest.approx(1.0)}
     p.losses(model, batch)
     assert p.monitor()["causal_eps"] == pytest.approx(10.0)
     rough = p.build_model(1)  # a fresh run: schedule back at its start

@@ -183,9 +183,10 @@ class RecipeOptions:
         return {k: v for k, v in terms.items() if k in self.loss_names}
 
     def monitor(self) -> dict:
-        """The causal :math:`\\epsilon` and :math:`\\min_i w_i` of the last step (empty without ``causal``);
-        synchronises: called at log points only."""
+        """The causal :math:`\\epsilon`, :math:`\\min_i w_i` and :math:`\\frac1M \\sum_i w_i` (how far in time
+        the training has opened) of the last step (empty without ``causal``); synchronises: log points only."""
         if self._causal is None:
             return {}
         return {"causal_eps": float(self._causal.current_eps().numpy()),
-                "causal_min_weight": float(self._causal.min_weight.numpy()[0])}
+                "causal_min_weight": float(self._causal.min_weight.numpy()[0]),
+                "causal_mean_weight": float(self._causal.last_weights.numpy().mean())}
