@@ -208,3 +208,15 @@ def test_ppsci_comparison_script_runs_a_few_steps(tmp_path):
     assert data["methods"]["ntk"]["ntk_path"] == "expanded"
     w = data["methods"]["ppsci_ntk"]["history"]["weights"][-1]
     assert w["res"] > 0 and w["ic"] > 0 and (tmp_path / "allen_cahn.mat").is_file()
+
+
+def test_cli_run_trains_the_seeds_given_by_seed(tmp_path):
+    from paddle_pinn_balance.cli import main
+
+    args = ["run", os.path.join(ROOT, "examples", "recipes", "convection.yaml"), "--method", "sum", "--iters", "2",
+            "--seed", "3", "--out", str(tmp_path), "--quiet", "--no-plots"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["seeds"] == [3] and data["methods"]["sum"]["runs"][0]["seed"] == 3
