@@ -220,3 +220,30 @@ def test_cli_run_trains_the_seeds_given_by_seed(tmp_path):
     assert main(args) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["seeds"] == [3] and data["methods"]["sum"]["runs"][0]["seed"] == 3
+
+
+def test_ppsci_mtl_ntk_is_the_grad_norm_ratio_without_momentum():
+    """PaddleScience's ``mtl.NTK`` weights are sum_j ||g_j|| / ||g_i|| (no NTK trace): GradNormRatio with
+    reduction 'sum' and momentum 0 gives the same numbers (and a numpy re-derivation does)."""
+    ppsci = pytest.importorskip("ppsci")
+    from paddle_pinn_balance import GradNormRatio
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(2, 6), paddle.nn.Tanh(), paddle.nn.Linear(6, 1))
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=(10, 2)).astype(DTYPE))
+
+    def losses():
+        y = model(x)
+        return {"a": (y ** 2).mean(), "b": ((3.0 * y - 1.0) ** 2).mean()}
+
+    theirs = ppsci.loss.mtl.NTK(model, 2, update_freq=1)
+    theirs(losses(), 0)
+    ours = GradNormRatio(model, loss_names=["a", "b"], reduction="sum", momentum=0.0, update_freq=1)
+    ours(losses(), 0)
+    norms = []
+    for v in losses().values():
+        g = paddle.grad(v, model.parameters())
+        norms.append(np.sqrt(sum(float((gi ** 2).sum()) for gi in g)))
+    expected = [sum(norms) / n for n in norms]
+    np.testing.assert_allclose(theirs.weight.numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose([ours.weights["a"], ours.weights["b"]], expected, rtol=1e-4)
