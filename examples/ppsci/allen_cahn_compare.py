@@ -234,6 +234,8 @@ def save(args, runs, final=False):
         results["methods"][r.method] = {
             "title": TITLES[r.method], "rel_l2": r.history["rel_l2"][-1], "history": r.history,
             "seconds_per_step_median": statistics.median(sec), "seconds_per_step_mean": statistics.fmean(sec),
+            # the steps that update the weights (every --update-freq; the first also builds caches)
+            "seconds_update_steps": r.seconds[::args.update_freq],
             "ntk_path": str(getattr(r.balancer, "last_path", "")) or None}
     base = results["methods"].get("ppsci_ntk")
     lines = ["| method | rel. L2 error | final weights (res, ic) | s / step (median) | vs ppsci_ntk |",
