@@ -57,6 +57,16 @@ def test_recipe_table_rows_load_with_the_recipe_settings():
         assert row["net"] == recipe["settings"]["net"] and row["causal"] == recipe["settings"]["causal"]
 
 
+@pytest.mark.slow
+def test_a_recipe_run_draws_every_curve(tmp_path):
+    spec = load_benchmark(os.path.join(ROOT, "examples", "recipes", "convection.yaml"), overrides=SMALL)
+    methods = [m for m in spec["methods"] if m["label"] == "grad_norm_ratio"]
+    assert run(spec, methods, iters=2, seeds=[0], out=str(tmp_path), progress=False, plots=True) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    pngs = {"weights.png", "losses.png", "rel_l2.png", "rel_l2_time.png", "causal.png", "fields_grad_norm_ratio.png"}
+    assert pngs <= set(data["plots"]) and all((tmp_path / f).is_file() for f in pngs)
+
+
 def np_recipe_net(net, xt):
     """Independent numpy forward of RecipeNet from its parameters (module docstring formulas)."""
     p = {k: v.numpy().astype(np.float64) for k, v in net.state_dict().items()}
