@@ -300,7 +300,10 @@ class _ProgressSaver:
         if self.plots and self.calls % self.plot_every == 0:
             keyed = {_slug(k): r for k, r in current.items()}
             models = {_slug(k): v for k, v in dict(self.models, **{label: net}).items()}
-            files = plot_run(self.problem, keyed, models, self.out)
+            try:
+                files = plot_run(self.problem, keyed, models, self.out)
+            except Exception as e:  # noqa: BLE001 - a plot must not end a long run; the final plots will say why
+                print(f"plots at step {h['step'][-1]} failed: {type(e).__name__}: {e}", file=sys.stderr)
         summary = self.summary_of(current, files)
         summary["partial"] = True
         path = os.path.join(self.out, "results.json")

@@ -257,3 +257,12 @@ def test_ppsci_mtl_ntk_is_the_grad_norm_ratio_without_momentum():
     expected = [sum(norms) / n for n in norms]
     np.testing.assert_allclose(theirs.weight.numpy(), expected, rtol=1e-4)
     np.testing.assert_allclose([ours.weights["a"], ours.weights["b"]], expected, rtol=1e-4)
+
+
+def test_allen_cahn_exact_on_more_than_one_block_of_points_is_the_reference_grid():
+    """``exact`` sums the Fourier series in blocks of 2,048 points; on the full test grid (more than one block) it
+    must give the saved reference itself (it once broadcast the first block's time weights to every block)."""
+    p = AllenCahn1D(ref_n=64, ref_dt=0.01, save_dt=0.01, test_stride=1)
+    x = p.test_grid()
+    assert len(x) > 2048
+    np.testing.assert_allclose(p.exact(x).reshape(p.grid_shape), p.reference[2], atol=1e-8)

@@ -165,7 +165,7 @@ class AllenCahn1D(RecipeOptions, Problem):
             phase = np.exp(1j * (x[sl, 0:1] + 1.0) * k[None, :])
             u0 = np.real((coef[j0[sl]] * phase).sum(1)) / self.ref_n
             u1 = np.real((coef[j0[sl] + 1] * phase).sum(1)) / self.ref_n
-            out[sl, 0] = (1 - w[:, 0]) * u0 + w[:, 0] * u1
+            out[sl, 0] = (1 - w[sl, 0]) * u0 + w[sl, 0] * u1
         return out
 
     def test_grid(self) -> np.ndarray:
