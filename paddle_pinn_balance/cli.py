@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     table = commands.add_parser(
         "table", help="every method x every problem of a YAML file, several seeds (resumable)",
         description="Train each method on each problem of a table file for each seed; print median errors, "
-        "spread, final weights and time per step relative to plain; write results.json (after every cell: a "
+        "spread and final weights; write results.json (after every cell: a "
         "killed table continues where it stopped) and heatmap.png.",
     )
     table.add_argument("config", help="YAML file (see examples/table.yaml)")
