@@ -70,11 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only the method with this label (repeatable; default: all)")
     run.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", dest="overrides",
                      help="override one of the problem's settings (VALUE read as YAML, e.g. layers=[2,50,50,1])")
+    run.add_argument("--seed", action="append", type=_int_at_least(0), default=None, dest="seed_list",
+                     metavar="N", help="train this seed (repeatable; overrides --seeds and the file's `seeds`)")
 
     table = commands.add_parser(
         "table", help="every method x every problem of a YAML file, several seeds (resumable)",
         description="Train each method on each problem of a table file for each seed; print median errors, "
-        "spread, final weights and time per step relative to plain; write results.json (after every cell: a "
+        "spread and final weights; write results.json (after every cell: a "
         "killed table continues where it stopped) and heatmap.png.",
     )
     table.add_argument("config", help="YAML file (see examples/table.yaml)")
@@ -145,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     if args.command == "run":
-        return runner.run(spec, methods, iters=args.iters, seeds=args.seeds, out=args.out, progress=not args.quiet,
+        seeds = args.seed_list if args.seed_list else args.seeds
+        return runner.run(spec, methods, iters=args.iters, seeds=seeds, out=args.out, progress=not args.quiet,
                           plots=not args.no_plots)
     if args.command == "table":
         return table.run_table(spec, out=args.out, progress=not args.quiet, plots=not args.no_plots)

@@ -72,6 +72,10 @@ def plot_run(problem, results: dict, models: dict, out: str) -> list:
         return []
     files = [_plot_weights(Figure, problem, results, out), _plot_losses(Figure, problem, results, out),
              _plot_error(Figure, problem, results, out)]
+    if any(r["history"].get("wall_s") for r in results.values()):
+        files.append(_plot_error_time(Figure, problem, results, out))
+    if any(r["history"].get("monitor") for r in results.values()):
+        files.append(_plot_causal(Figure, problem, results, out))
     if len(problem.grid_shape) in (1, 2) and len(problem.axis_labels) == len(problem.grid_shape) \
             and problem.axis_labels != ("sample",):
         for key, run in results.items():
@@ -133,6 +137,46 @@ def _plot_error(Figure, problem, results, out):
     return _save(fig, os.path.join(out, "rel_l2.png"))
 
 
+def _plot_error_time(Figure, problem, results, out):
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for run in results.values():
+        h = run["history"]
+        if h.get("wall_s"):
+            ax.plot(h["wall_s"], h["rel_l2"], label=run["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall time (s; error evaluations excluded)")
+    ax.set_ylabel(f"{getattr(problem, 'error_name', 'relative $L_2$ error')} (log scale)")
+    ax.set_title(f"{problem.name}: test error against wall time", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, os.path.join(out, "rel_l2_time.png"))
+
+
+def _plot_causal(Figure, problem, results, out):
+    """The causal residual's epsilon (left) and minimum chunk weight (right) against iterations."""
+    fig = Figure(figsize=(11, 4.0), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for run in results.values():
+        h = run["history"]
+        mon = h.get("monitor") or {}
+        if "causal_eps" in mon:
+            left.plot(h["step"], mon["causal_eps"], label=run["label"])
+            right.plot(h["step"], mon["causal_min_weight"], label=f"{run['label']}: min")
+            if "causal_mean_weight" in mon:
+                right.plot(h["step"], mon["causal_mean_weight"], linestyle="--", label=f"{run['label']}: mean")
+    left.set_yscale("log")
+    left.set_ylabel("causal $\\epsilon$ (log scale)")
+    right.set_ylabel("causal weights: $\\min_i w_i$ (last chunk), mean")
+    right.set_ylim(-0.02, 1.02)
+    for ax in (left, right):
+        ax.set_xlabel("iteration")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{problem.name}: causal training schedule")
+    return _save(fig, os.path.join(out, "causal.png"))
+
+
 def _plot_fields(Figure, problem, run, model, path):
     x = problem.test_grid()
     shape = problem.grid_shape
@@ -152,7 +196,9 @@ def _plot_fields(Figure, problem, run, model, path):
         fig.colorbar(mesh, ax=ax, shrink=0.85)
         ax.set_xlabel(problem.axis_labels[0])
         ax.set_ylabel(problem.axis_labels[1])
-        ax.set_aspect("equal")
+        spans = (float(gx.max() - gx.min()), float(gy.max() - gy.min()))
+        if max(spans) <= 3 * min(spans):  # a long thin domain (x in [0, 2 pi], t in [0, 1]) keeps the panel's shape
+            ax.set_aspect("equal")
         ax.set_title(title)
     fig.suptitle(f"{problem.name}, {run['label']}: relative $L_2$ error {run['rel_l2']:.2e} "
                  f"after {run['iters']} iterations")

@@ -224,8 +224,6 @@ def run(spec: dict, methods: list, iters: int | None = None, seeds: int | None =
     final weights of the first seed, timings, history, the per-seed runs) and ``plots``. ``after(summary)``, if
     given, may print and add keys before the file is written (the demo does).
     """
-    import numpy as np
-
     from .train import train
 
     problem = spec["_problem"]
@@ -240,40 +238,93 @@ def run(spec: dict, methods: list, iters: int | None = None, seeds: int | None =
     print(f"{problem.name} ({spec['problem']}), settings {spec['settings']}; {iters} iterations, "
           f"seeds {seed_list}; methods {[m['label'] for m in methods]}")
     results, models = {}, {}
+
+    def summary_of(results, files):
+        return {
+            "config_file": spec["config_file"], "problem": spec["problem"], "problem_name": problem.name,
+            "settings": spec["settings"], "reference": spec.get("reference"), "iters": iters, "seeds": seed_list,
+            "error_name": problem.error_name, "methods": results, "plots": [os.path.basename(f) for f in files],
+        }
+
+    os.makedirs(out, exist_ok=True)
     for m in methods:
         runs = []
         for seed in seed_list:
+            saver = _ProgressSaver(out, problem, summary_of, results, models, m, seed, runs, plots)
             r = train(problem, m["balancer"], iters=iters, seed=seed, log_every=log_every, progress=progress,
-                      desc=f"{m['label']} seed {seed}")
+                      desc=f"{m['label']} seed {seed}", on_log=saver)
             model = r.pop("model")
             if not runs:
                 models[m["label"]] = model
             runs.append(r)
-        errors = [r["rel_l2"] for r in runs]
-        results[m["label"]] = {
-            "label": m["label"], "title": m.get("title", m["label"]), "balancer": m["balancer"],
-            "published": m.get("published"), "note": m.get("note"),
-            "seeds": seed_list, "errors": errors, "error_mean": float(np.mean(errors)),
-            "error_std": float(np.std(errors)), "weights": runs[0]["weights"],
-            "wall_time_s": float(sum(r["wall_time_s"] for r in runs)),
-            "time_per_step_ms": float(np.mean([r["time_per_step_ms"] for r in runs])),
-            # the plots show the first seed's history
-            "rel_l2": runs[0]["rel_l2"], "iters": iters, "history": runs[0]["history"], "runs": runs,
-        }
+        results[m["label"]] = _method_result(m, seed_list, runs, iters)
     print()
     print(text_table(results, error_name=problem.error_name))
 
-    os.makedirs(out, exist_ok=True)
     keyed = {_slug(label): r for label, r in results.items()}
     files = plot_run(problem, keyed, {_slug(k): v for k, v in models.items()}, out) if plots else []
-    summary = {
-        "config_file": spec["config_file"], "problem": spec["problem"], "problem_name": problem.name,
-        "settings": spec["settings"], "reference": spec.get("reference"), "iters": iters, "seeds": seed_list,
-        "error_name": problem.error_name, "methods": results, "plots": [os.path.basename(f) for f in files],
-    }
+    summary = summary_of(results, files)
     if after is not None:
         after(summary)
     return _write_results(out, summary, files)
+
+
+def _method_result(m: dict, seed_list: list, runs: list, iters: int, partial: bool = False) -> dict:
+    import numpy as np
+
+    errors = [r["rel_l2"] for r in runs]
+    out = {
+        "label": m["label"], "title": m.get("title", m["label"]), "balancer": m["balancer"],
+        "published": m.get("published"), "note": m.get("note"),
+        "seeds": seed_list[:len(runs)], "errors": errors, "error_mean": float(np.mean(errors)),
+        "error_std": float(np.std(errors)), "weights": runs[0]["weights"],
+        "wall_time_s": float(sum(r["wall_time_s"] for r in runs)),
+        "time_per_step_ms": float(np.mean([r["time_per_step_ms"] for r in runs])),
+        # the plots show the first seed's history
+        "rel_l2": runs[0]["rel_l2"], "iters": iters, "history": runs[0]["history"], "runs": runs,
+    }
+    if partial:
+        out["partial"] = True
+    return out
+
+
+class _ProgressSaver:
+    """``on_log`` of a run: ``out/results.json`` rewritten at every log point with the finished methods and the
+    one in progress (marked ``"partial": true``, its error the last logged one), and the plots redrawn every
+    ``plot_every`` log points, so that a run killed mid-way leaves its curves."""
+
+    plot_every = 10
+
+    def __init__(self, out, problem, summary_of, results, models, method, seed, runs, plots):
+        self.out, self.problem, self.summary_of, self.results, self.models = out, problem, summary_of, results, models
+        self.method, self.seed, self.runs, self.plots, self.calls = method, seed, runs, plots, 0
+
+    def __call__(self, history, net):
+        import copy
+
+        self.calls += 1
+        h = copy.deepcopy(history)
+        last = {"rel_l2": h["rel_l2"][-1], "weights": {n: v[-1] for n, v in h["weight"].items() if v},
+                "wall_time_s": h["wall_s"][-1], "time_per_step_ms": 1e3 * h["wall_s"][-1] / (h["step"][-1] + 1),
+                "history": h, "seed": self.seed, "steps_done": h["step"][-1] + 1}
+        runs = self.runs + [last]
+        label = self.method["label"]
+        seeds = [r["seed"] for r in runs]
+        current = dict(self.results, **{label: _method_result(self.method, seeds, runs, h["step"][-1] + 1, True)})
+        files = []
+        if self.plots and self.calls % self.plot_every == 0:
+            keyed = {_slug(k): r for k, r in current.items()}
+            models = {_slug(k): v for k, v in dict(self.models, **{label: net}).items()}
+            try:
+                files = plot_run(self.problem, keyed, models, self.out)
+            except Exception as e:  # noqa: BLE001 - a plot must not end a long run; the final plots will say why
+                print(f"plots at step {h['step'][-1]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        summary = self.summary_of(current, files)
+        summary["partial"] = True
+        path = os.path.join(self.out, "results.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def _write_results(out: str, summary: dict, files: list) -> int:

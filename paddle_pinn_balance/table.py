@@ -264,8 +264,9 @@ def _add_time_ratios(records: list) -> None:
 
 
 def table_text(data: dict) -> str:
-    """Per problem: method, median error [min, max] over seeds, final weights (first seed), time per step
-    relative to plain; then the problems x methods matrix of median errors (markdown)."""
+    """Per problem: method, median error [min, max] over seeds, final weights (first seed); then the problems x
+    methods matrix of median errors (markdown). No time column (cells run at different times, under different
+    loads; ``time_per_step_ms`` stays in ``results.json``)."""
     blocks = []
     by_problem = {}
     for r in data["records"]:
@@ -276,15 +277,16 @@ def table_text(data: dict) -> str:
             continue
         first = next((r for r in recs if "skipped" not in r), recs[0])
         head = f"{label}: {first.get('iters')} iterations, {first.get('error_name', 'relative $L_2$ error')}"
-        rows = [("method", "median [min, max] over seeds", "seeds", "final weights (seed 0)", "time/step vs plain")]
+        # no time column: cells run one after another, so their times compare machine loads as much as methods
+        # (the cost of each method side by side: design/performance.md, benchmarks/step_overhead.py)
+        rows = [("method", "median [min, max] over seeds", "seeds", "final weights (seed 0)")]
         for r in recs:
             if "skipped" in r:
-                rows.append((r["method"], "n/a", "-", r["skipped"][:60], "-"))
+                rows.append((r["method"], "n/a", "-", r["skipped"][:60]))
                 continue
             w = r["weights"][0] if r.get("weights") else {}
-            ratio = "-" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}x"
             rows.append((r["method"], f"{_fmt(r['median'])} [{_fmt(r['min'])}, {_fmt(r['max'])}]",
-                         str(len(r["errors"])), ", ".join(f"{n}={v:.3g}" for n, v in w.items()), ratio))
+                         str(len(r["errors"])), ", ".join(f"{n}={v:.3g}" for n, v in w.items())))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(2, "  ".join("-" * w for w in widths))

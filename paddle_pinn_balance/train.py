@@ -19,7 +19,7 @@ __all__ = ["problem_balancer", "train", "trainable_parameters"]
 
 
 def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | None = None,
-          progress: bool = True, desc: str | None = None) -> dict:
+          progress: bool = True, desc: str | None = None, on_log=None) -> dict:
     """Train ``problem``'s network for ``iters`` iterations with the balancer ``balancer_config``.
 
     Each iteration: fresh points ``problem.sample(rng)``, loss terms ``problem.losses(net, batch)``,
@@ -35,13 +35,16 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         log_every: record history every ``log_every`` steps (and at the last step); default ``iters // 100``.
         progress: show a progress bar on stderr (``tqdm`` if installed, else a plain text bar).
         desc: label of the progress bar (default: the balancer's name).
+        on_log: optional ``on_log(history, net)``, called after each log point (e.g. to save progress).
 
     Returns:
         ``dict`` with ``problem``, ``balancer`` (the config), ``iters``, ``seed``, ``rel_l2`` (final
         ``problem.error(net)``: the relative L2 error on the test grid for the PDE problems, the normalised loss
         for the GradNorm toy), ``error_name`` (what that is, in words), ``weights`` (final, ``{name: float}``),
         ``wall_time_s`` (the training loop), ``time_per_step_ms``, ``history`` (``step``, ``loss`` and
-        ``weight`` per term, ``rel_l2`` and ``lr`` at the log points) and ``model`` (the trained network; not
+        ``weight`` per term, ``rel_l2``, ``lr``, ``wall_s`` (training seconds so far, log points excluded)
+        and, where the problem has a ``monitor()`` (the causal residual's :math:`\\epsilon` and minimum
+        weight), ``monitor``, at the log points) and ``model`` (the trained network; not
         JSON-serialisable, drop it before saving).
     """
     check_int("iters", iters, 1)
@@ -58,9 +61,11 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
     optimizer, scheduler = problem.optimizer(trainable_parameters(net, balancer))
 
     names = tuple(problem.loss_names)
-    history = {"step": [], "loss": {n: [] for n in names}, "weight": {n: [] for n in names}, "rel_l2": [], "lr": []}
+    history = {"step": [], "loss": {n: [] for n in names}, "weight": {n: [] for n in names}, "rel_l2": [], "lr": [],
+               "wall_s": []}
+    monitor = getattr(problem, "monitor", None)
     bar = _progress(iters, desc or config["name"], enabled=progress)
-    start = time.perf_counter()
+    start, evaluating = time.perf_counter(), 0.0  # evaluating: seconds spent at log points (not in wall_s)
     for step in range(iters):
         losses = problem.losses(net, problem.sample(rng))
         total = balancer(losses, step)
@@ -70,6 +75,7 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         if scheduler is not None:
             scheduler.step()
         if step % log_every == 0 or step == iters - 1:
+            paused = time.perf_counter()
             values = {n: float(losses[n]) for n in names}
             history["step"].append(step)
             for n in names:
@@ -78,6 +84,12 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
                 history["weight"][n].append(w)
             history["rel_l2"].append(problem.error(net))
             history["lr"].append(float(optimizer.get_lr()))
+            history["wall_s"].append(paused - start - evaluating)
+            for key, value in (monitor() if callable(monitor) else {}).items():
+                history.setdefault("monitor", {}).setdefault(key, []).append(value)
+            if on_log is not None:
+                on_log(history, net)
+            evaluating += time.perf_counter() - paused
             bar.set_postfix({n: f"{v:.2e}" for n, v in values.items()}, refresh=False)
         bar.update(1)
     wall = time.perf_counter() - start

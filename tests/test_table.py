@@ -139,7 +139,8 @@ def test_summary_arithmetic_on_hand_made_records():
     assert math.isnan(bad["median"]) and bad["min"] == bad["max"] == 0.5
     text = table.table_text({"problems": ["p"], "methods": ["sum", "m"], "seeds": [0, 1, 2],
                              "records": records})
-    assert "2.00e-01 [1.00e-01, 3.00e-01]" in text and "1.60x" in text and "| p | 1.00e+00 | 2.00e-01 |" in text
+    assert "2.00e-01 [1.00e-01, 3.00e-01]" in text and "| p | 1.00e+00 | 2.00e-01 |" in text
+    assert "1.60x" not in text and "vs plain" not in text  # no time column (cells run under different loads)
 
 
 @pytest.mark.parametrize("text, needle", [

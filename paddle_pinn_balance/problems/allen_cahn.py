@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 
 from . import MLP, Problem
+from .recipe import RecipeOptions
 
 
 def etdrk4_allen_cahn(n: int = 512, dt: float = 1e-4, t_end: float = 1.0, save_dt: float = 5e-3, eps: float = 1e-4,
@@ -67,7 +68,7 @@ def _reference(n: int, dt: float, save_dt: float, eps: float, a: float) -> tuple
     return etdrk4_allen_cahn(n=n, dt=dt, save_dt=save_dt, eps=eps, a=a)
 
 
-class AllenCahn1D(Problem):
+class AllenCahn1D(RecipeOptions, Problem):
     r"""One-dimensional Allen-Cahn equation, periodic, with a reference from :func:`etdrk4_allen_cahn`.
 
     .. math::
@@ -93,6 +94,9 @@ class AllenCahn1D(Problem):
         layers, batch_size: network and points per term per iteration.
         ref_n, ref_dt, save_dt: the reference solver's modes, time step and output interval.
         test_stride: keep every ``test_stride``-th grid point in x and in t for the test grid.
+        net, causal, n_res: the recipe settings (:class:`~paddle_pinn_balance.problems.recipe.RecipeOptions`):
+            network options (periodic embedding of period 2, Fourier features, modified MLP), the causal
+            residual, residual points per iteration.
 
     Example:
         >>> import numpy as np
@@ -117,7 +121,8 @@ class AllenCahn1D(Problem):
     axis_labels = ("x", "t")
 
     def __init__(self, eps: float = 1e-4, a: float = 5.0, layers=(2, 128, 128, 128, 128, 1), batch_size: int = 128,
-                 ref_n: int = 512, ref_dt: float = 1e-3, save_dt: float = 5e-3, test_stride: int = 2):
+                 ref_n: int = 512, ref_dt: float = 1e-3, save_dt: float = 5e-3, test_stride: int = 2, net=None,
+                 causal=None, n_res=None):
         if int(batch_size) < 1 or int(ref_n) < 8 or int(test_stride) < 1:
             raise ValueError(f"`batch_size`, `test_stride` must be >= 1 and `ref_n` >= 8; got {batch_size}, "
                              f"{test_stride}, {ref_n}")
@@ -136,6 +141,8 @@ class AllenCahn1D(Problem):
         xs, ts = np.arange(0, self.ref_n, self.test_stride), np.arange(0, round(1.0 / self.save_dt) + 1,
                                                                        self.test_stride)
         self.grid_shape = (len(ts), len(xs))
+        self.x_range = (-1.0, 1.0)
+        self._recipe_init(net, causal, n_res)
 
     @property
     def reference(self) -> tuple:
@@ -158,7 +165,7 @@ class AllenCahn1D(Problem):
             phase = np.exp(1j * (x[sl, 0:1] + 1.0) * k[None, :])
             u0 = np.real((coef[j0[sl]] * phase).sum(1)) / self.ref_n
             u1 = np.real((coef[j0[sl] + 1] * phase).sum(1)) / self.ref_n
-            out[sl, 0] = (1 - w[:, 0]) * u0 + w[:, 0] * u1
+            out[sl, 0] = (1 - w[sl, 0]) * u0 + w[sl, 0] * u1
         return out
 
     def test_grid(self) -> np.ndarray:
@@ -173,13 +180,16 @@ class AllenCahn1D(Problem):
         return relative_l2(u[::self.test_stride, ::self.test_stride], self.predict(model, self.test_grid()))
 
     def build_model(self, seed: int) -> paddle.nn.Layer:
+        model = self._recipe_model(seed)
+        if model is not None:
+            return model
         paddle.seed(int(seed))
         return MLP(self.layers, mean=[0.0, 0.5], std=[2 / math.sqrt(12.0), 1 / math.sqrt(12.0)])
 
     def sample(self, rng: np.random.Generator) -> dict:
         """``x_res`` ``[n, 2]``; ``x_ic`` ``[n, 2]`` with ``u_ic``; ``x_bc`` ``[2n, 2]`` (x = -1 then 1, same t)."""
-        n = self.batch_size
-        x_res = np.stack([rng.uniform(-1.0, 1.0, n), rng.uniform(0.0, 1.0, n)], axis=1)
+        n, m = self.batch_size, self.n_res
+        x_res = np.stack([rng.uniform(-1.0, 1.0, m), rng.uniform(0.0, 1.0, m)], axis=1)
         s = rng.uniform(-1.0, 1.0, n)
         x_ic = np.stack([s, np.zeros(n)], axis=1)
         t = rng.uniform(0.0, 1.0, n)
@@ -211,15 +221,17 @@ class AllenCahn1D(Problem):
         return u[0] - u[1], u_x[0] - u_x[1]
 
     def losses(self, model, batch: dict) -> dict:
-        gap, gap_x = self._gaps(model, batch)
-        return {"res": (self._residual(model, batch) ** 2).mean(),
-                "ic": ((model(batch["x_ic"]) - batch["u_ic"]) ** 2).mean(),
-                "bc": (gap ** 2).mean() + (gap_x ** 2).mean()}
+        out = {"res": self._res_loss(self._residual(model, batch), batch),
+               "ic": ((model(batch["x_ic"]) - batch["u_ic"]) ** 2).mean()}
+        if "bc" in self.loss_names:
+            gap, gap_x = self._gaps(model, batch)
+            out["bc"] = (gap ** 2).mean() + (gap_x ** 2).mean()
+        return out
 
     def kernels(self, batch: dict) -> dict:
         """NTK blocks' per-point quantities: the residual, the initial value, the two periodicity gaps stacked
         (``[2n, 1]``: two values per boundary time, so the fast expanded path of
         :func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms` sees ``2n`` values from ``n``-row model
         calls and takes the exact per-point loop)."""
-        return {"res": lambda m: self._residual(m, batch), "ic": lambda m: m(batch["x_ic"]),
-                "bc": lambda m: paddle.concat(self._gaps(m, batch))}
+        return self._drop_bc({"res": lambda m: self._residual(m, batch), "ic": lambda m: m(batch["x_ic"]),
+                              "bc": lambda m: paddle.concat(self._gaps(m, batch))})

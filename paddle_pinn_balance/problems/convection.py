@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 
 from . import MLP, Problem
+from .recipe import RecipeOptions
 
 
 def first_derivatives(model, x: paddle.Tensor) -> tuple:
@@ -19,7 +20,7 @@ def first_derivatives(model, x: paddle.Tensor) -> tuple:
     return u, du[:, 0:1], du[:, 1:2]
 
 
-class Convection1D(Problem):
+class Convection1D(RecipeOptions, Problem):
     r"""One-dimensional convection with periodic boundaries.
 
     .. math::
@@ -40,6 +41,9 @@ class Convection1D(Problem):
     Args:
         beta: convection speed (paper: 1 to 40; 30 is where plain training fails).
         layers: network widths. batch_size: points per term per iteration. test_n: ``test_n x test_n`` test grid.
+        net, causal, n_res: the recipe settings (:class:`~paddle_pinn_balance.problems.recipe.RecipeOptions`):
+            network options (periodic embedding of period :math:`2\pi`, Fourier features, modified MLP), the
+            causal residual, residual points per iteration.
 
     Example:
         >>> import numpy as np
@@ -58,7 +62,8 @@ class Convection1D(Problem):
     axis_labels = ("x", "t")
     x_max = 2.0 * math.pi
 
-    def __init__(self, beta: float = 30.0, layers=(2, 50, 50, 50, 50, 1), batch_size: int = 128, test_n: int = 100):
+    def __init__(self, beta: float = 30.0, layers=(2, 50, 50, 50, 50, 1), batch_size: int = 128, test_n: int = 100,
+                 net=None, causal=None, n_res=None):
         if int(batch_size) < 1 or int(test_n) < 2:
             raise ValueError(f"`batch_size` must be >= 1 and `test_n` >= 2; got {batch_size}, {test_n}")
         self.layers = tuple(int(n) for n in layers)
@@ -66,6 +71,8 @@ class Convection1D(Problem):
             raise ValueError(f"`layers` must start with 2 inputs and end with 1 output; got {list(layers)}")
         self.beta, self.batch_size, self.test_n = float(beta), int(batch_size), int(test_n)
         self.grid_shape = (self.test_n, self.test_n)
+        self.x_range = (0.0, self.x_max)
+        self._recipe_init(net, causal, n_res)
 
     def exact(self, x: np.ndarray) -> np.ndarray:
         """:math:`u = \\sin(x - \\beta t)` (``[N, 2]`` -> ``[N, 1]``)."""
@@ -73,13 +80,16 @@ class Convection1D(Problem):
         return np.sin(x[:, 0:1] - self.beta * x[:, 1:2])
 
     def build_model(self, seed: int) -> paddle.nn.Layer:
+        model = self._recipe_model(seed)
+        if model is not None:
+            return model
         paddle.seed(int(seed))
         return MLP(self.layers, mean=[math.pi, 0.5], std=[self.x_max / math.sqrt(12.0), 1 / math.sqrt(12.0)])
 
     def sample(self, rng: np.random.Generator) -> dict:
         """``x_res``, ``x_ic`` (t = 0) with ``u_ic``, ``x_bc`` ``[2n, 2]`` (x = 0 then 2 pi, same t)."""
-        n = self.batch_size
-        x_res = np.stack([rng.uniform(0.0, self.x_max, n), rng.uniform(0.0, 1.0, n)], axis=1)
+        n, m = self.batch_size, self.n_res
+        x_res = np.stack([rng.uniform(0.0, self.x_max, m), rng.uniform(0.0, 1.0, m)], axis=1)
         x_ic = np.stack([rng.uniform(0.0, self.x_max, n), np.zeros(n)], axis=1)
         t = rng.uniform(0.0, 1.0, n)
         x_bc = np.concatenate([np.stack([np.zeros(n), t], 1), np.stack([np.full(n, self.x_max), t], 1)])
@@ -99,15 +109,17 @@ class Convection1D(Problem):
         return model(x[:n]) - model(x[n:])
 
     def losses(self, model, batch: dict) -> dict:
-        return {"res": (self._residual(model, batch) ** 2).mean(),
-                "ic": ((model(batch["x_ic"]) - batch["u_ic"]) ** 2).mean(),
-                "bc": (self._gap(model, batch) ** 2).mean()}
+        out = {"res": self._res_loss(self._residual(model, batch), batch),
+               "ic": ((model(batch["x_ic"]) - batch["u_ic"]) ** 2).mean()}
+        if "bc" in self.loss_names:
+            out["bc"] = (self._gap(model, batch) ** 2).mean()
+        return out
 
     def kernels(self, batch: dict) -> dict:
         """NTK blocks' per-point quantities: the residual, the initial value and the periodicity gap (pointwise:
         exact on both paths of :func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms`)."""
-        return {"res": lambda m: self._residual(m, batch), "ic": lambda m: m(batch["x_ic"]),
-                "bc": lambda m: self._gap(m, batch)}
+        return self._drop_bc({"res": lambda m: self._residual(m, batch), "ic": lambda m: m(batch["x_ic"]),
+                              "bc": lambda m: self._gap(m, batch)})
 
     def test_grid(self) -> np.ndarray:
         xx, tt = np.meshgrid(np.linspace(0.0, self.x_max, self.test_n), np.linspace(0.0, 1.0, self.test_n))
