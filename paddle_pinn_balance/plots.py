@@ -72,10 +72,8 @@ def plot_run(problem, results: dict, models: dict, out: str) -> list:
         return []
     files = [_plot_weights(Figure, problem, results, out), _plot_losses(Figure, problem, results, out),
              _plot_error(Figure, problem, results, out)]
-    if any(r["history"].get("wall_s") for r in results.values()):
-        files.append(_plot_error_time(Figure, problem, results, out))
-    if any(r["history"].get("monitor") for r in results.values()):
-        files.append(_plot_causal(Figure, problem, results, out))
+    if any(r["history"].get("monitor") for r in results.values()):  # the recipes (causal residual): their curves
+        files += [_plot_error_time(Figure, problem, results, out), _plot_causal(Figure, problem, results, out)]
     if len(problem.grid_shape) in (1, 2) and len(problem.axis_labels) == len(problem.grid_shape) \
             and problem.axis_labels != ("sample",):
         for key, run in results.items():
