@@ -176,7 +176,7 @@ def test_demo_smoke(tmp_path, capsys):
 
     # plot files: only these assertions need matplotlib (the optional `plot` extra)
     pytest.importorskip("matplotlib")
-    expected = ["weights.png", "losses.png", "rel_l2.png", "rel_l2_time.png", "fields_plain.png", "fields_lra.png"]
+    expected = ["weights.png", "losses.png", "rel_l2.png", "fields_plain.png", "fields_lra.png"]
     assert sorted(data["plots"]) == sorted(expected)
     for name in expected:
         assert (out / name).stat().st_size > 10_000
