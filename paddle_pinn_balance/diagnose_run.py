@@ -35,14 +35,10 @@ def diagnose_problem(problem, balancer_config=None, steps: int = DEFAULT_STEPS, 
     """Train ``problem`` for ``steps`` iterations with ``balancer_config`` (default ``{name: sum}``) as
     :func:`~paddle_pinn_balance.train.train` does, recording ``records`` evenly spaced steps; returns the
     :class:`Diagnosis` (``.model`` the trained network)."""
-    from .train import problem_balancer, trainable_parameters
+    from .train import setup_run
 
     config = dict(balancer_config or {"name": "sum"})
-    model = problem.build_model(seed)
-    rng = np.random.default_rng(seed)
-    balancer = problem_balancer(problem, config, model, seed)
-    net = getattr(balancer, "wrapper", None) or model
-    optimizer, scheduler = problem.optimizer(trainable_parameters(net, balancer))
+    model, rng, balancer, net, optimizer, scheduler = setup_run(problem, config, seed)
     kernels = None
     if callable(getattr(problem, "kernels", None)):
         kernels = problem.kernels(problem.sample(np.random.default_rng([int(seed), 1])))

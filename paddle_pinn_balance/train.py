@@ -15,7 +15,7 @@ import numpy as np
 from .balancer import check_int
 from .config import REGISTRY, allowed_keys, build_balancer, load_config
 
-__all__ = ["problem_balancer", "train", "trainable_parameters"]
+__all__ = ["problem_balancer", "setup_run", "train", "trainable_parameters"]
 
 
 def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | None = None,
@@ -54,11 +54,7 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
     check_int("log_every", log_every, 1)
     config = load_config(balancer_config)
 
-    model = problem.build_model(seed)
-    rng = np.random.default_rng(seed)
-    balancer = problem_balancer(problem, config, model, seed)
-    net = getattr(balancer, "wrapper", None) or model  # grad_norm: train the wrapper (holds the loss weights)
-    optimizer, scheduler = problem.optimizer(trainable_parameters(net, balancer))
+    model, rng, balancer, net, optimizer, scheduler = setup_run(problem, config, seed)
 
     names = tuple(problem.loss_names)
     history = {"step": [], "loss": {n: [] for n in names}, "weight": {n: [] for n in names}, "rel_l2": [], "lr": [],
@@ -119,6 +115,18 @@ def trainable_parameters(net, balancer) -> list:
             params.append(p)
             seen.add(id(p))
     return params
+
+
+def setup_run(problem, config: dict, seed: int):
+    """What one training run of ``problem`` starts from, for :func:`train` and the diagnosis alike: the network
+    (``build_model(seed)``), the batch generator, the balancer, the layer trained (GradNorm's wrapper, which holds
+    the loss weights, else the network), its optimizer and learning-rate scheduler."""
+    model = problem.build_model(seed)
+    rng = np.random.default_rng(seed)
+    balancer = problem_balancer(problem, config, model, seed)
+    net = getattr(balancer, "wrapper", None) or model
+    optimizer, scheduler = problem.optimizer(trainable_parameters(net, balancer))
+    return model, rng, balancer, net, optimizer, scheduler
 
 
 def problem_balancer(problem, balancer_config, model, seed: int = 0):
