@@ -110,6 +110,23 @@ def test_plain_options_and_bad_net_settings():
         AllenCahn1D(causal={"eps": 1.0})
 
 
+@pytest.mark.parametrize("cls", [Convection1D, AllenCahn1D])
+def test_optim_setting_sets_the_learning_rate_schedule_of_this_problem_only(cls):
+    p = cls(batch_size=8, net=NET, optim={"lr": 2e-3, "decay_steps": 1500})
+    assert (p.lr, p.decay_rate, p.decay_steps) == (2e-3, 0.9, 1500)
+    assert (cls.lr, cls.decay_steps) == (1e-3, 1000)  # the class defaults are untouched
+    model = p.build_model(0)
+    optimizer, sched = p.optimizer(model.parameters())
+    for _ in range(1500):
+        sched.step()
+    assert optimizer.get_lr() == pytest.approx(2e-3 * 0.9, rel=1e-6)  # 0.9 after 1,500 steps, smooth decay
+    for bad, match in [({"lrr": 1.0}, "unknown key.*'lrr'"), ({"lr": 0.0}, "optim.lr"),
+                       ({"decay_rate": 1.5}, "optim.decay_rate"), ({"decay_steps": 0}, "optim.decay_steps"),
+                       ([1e-3], "`optim` must be a mapping")]:
+        with pytest.raises(ValueError, match=match):
+            cls(optim=bad)
+
+
 def test_periodic_net_drops_bc_and_nonperiodic_keeps_it():
     p = Convection1D(batch_size=8, net=dict(NET, periodic=False))
     assert p.loss_names == ("res", "ic", "bc")

@@ -94,7 +94,7 @@ class AllenCahn1D(RecipeOptions, Problem):
         layers, batch_size: network and points per term per iteration.
         ref_n, ref_dt, save_dt: the reference solver's modes, time step and output interval.
         test_stride: keep every ``test_stride``-th grid point in x and in t for the test grid.
-        net, causal, n_res: the recipe settings (:class:`~paddle_pinn_balance.problems.recipe.RecipeOptions`):
+        net, causal, n_res, optim: the recipe settings (:class:`~paddle_pinn_balance.problems.recipe.RecipeOptions`):
             network options (periodic embedding of period 2, Fourier features, modified MLP), the causal
             residual, residual points per iteration.
 
@@ -122,7 +122,7 @@ class AllenCahn1D(RecipeOptions, Problem):
 
     def __init__(self, eps: float = 1e-4, a: float = 5.0, layers=(2, 128, 128, 128, 128, 1), batch_size: int = 128,
                  ref_n: int = 512, ref_dt: float = 1e-3, save_dt: float = 5e-3, test_stride: int = 2, net=None,
-                 causal=None, n_res=None):
+                 causal=None, n_res=None, optim=None):
         if int(batch_size) < 1 or int(ref_n) < 8 or int(test_stride) < 1:
             raise ValueError(f"`batch_size`, `test_stride` must be >= 1 and `ref_n` >= 8; got {batch_size}, "
                              f"{test_stride}, {ref_n}")
@@ -142,7 +142,7 @@ class AllenCahn1D(RecipeOptions, Problem):
                                                                        self.test_stride)
         self.grid_shape = (len(ts), len(xs))
         self.x_range = (-1.0, 1.0)
-        self._recipe_init(net, causal, n_res)
+        self._recipe_init(net, causal, n_res, optim)
 
     @property
     def reference(self) -> tuple:

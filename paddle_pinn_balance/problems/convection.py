@@ -41,7 +41,7 @@ class Convection1D(RecipeOptions, Problem):
     Args:
         beta: convection speed (paper: 1 to 40; 30 is where plain training fails).
         layers: network widths. batch_size: points per term per iteration. test_n: ``test_n x test_n`` test grid.
-        net, causal, n_res: the recipe settings (:class:`~paddle_pinn_balance.problems.recipe.RecipeOptions`):
+        net, causal, n_res, optim: the recipe settings (:class:`~paddle_pinn_balance.problems.recipe.RecipeOptions`):
             network options (periodic embedding of period :math:`2\pi`, Fourier features, modified MLP), the
             causal residual, residual points per iteration.
 
@@ -63,7 +63,7 @@ class Convection1D(RecipeOptions, Problem):
     x_max = 2.0 * math.pi
 
     def __init__(self, beta: float = 30.0, layers=(2, 50, 50, 50, 50, 1), batch_size: int = 128, test_n: int = 100,
-                 net=None, causal=None, n_res=None):
+                 net=None, causal=None, n_res=None, optim=None):
         if int(batch_size) < 1 or int(test_n) < 2:
             raise ValueError(f"`batch_size` must be >= 1 and `test_n` >= 2; got {batch_size}, {test_n}")
         self.layers = tuple(int(n) for n in layers)
@@ -72,7 +72,7 @@ class Convection1D(RecipeOptions, Problem):
         self.beta, self.batch_size, self.test_n = float(beta), int(batch_size), int(test_n)
         self.grid_shape = (self.test_n, self.test_n)
         self.x_range = (0.0, self.x_max)
-        self._recipe_init(net, causal, n_res)
+        self._recipe_init(net, causal, n_res, optim)
 
     def exact(self, x: np.ndarray) -> np.ndarray:
         """:math:`u = \\sin(x - \\beta t)` (``[N, 2]`` -> ``[N, 1]``)."""

@@ -30,12 +30,15 @@ import paddle
 
 from ..balancer import check_float, check_int
 
-__all__ = ["NET_KEYS", "RecipeNet", "check_causal", "check_net"]
+__all__ = ["NET_KEYS", "OPTIM_KEYS", "RecipeNet", "check_causal", "check_net", "check_optim"]
 
 #: Keys of the ``net`` setting and their defaults.
 NET_KEYS = {"width": 128, "depth": 4, "periodic": True, "fourier_dim": 128, "fourier_scale": 1.0, "modified": True,
             "t_scale": 1.0}
 _CAUSAL_KEYS = ("n_chunks", "eps", "eps_schedule", "delta", "reduction")
+#: Keys of the ``optim`` setting (Adam's learning rate and its smooth exponential decay, by ``decay_rate`` every
+#: ``decay_steps`` iterations); a missing key keeps the problem's default.
+OPTIM_KEYS = ("lr", "decay_rate", "decay_steps")
 
 
 def check_net(net) -> dict | None:
@@ -75,6 +78,26 @@ def check_causal(causal) -> dict | None:
     if "n_chunks" not in out:
         raise ValueError("`causal` needs `n_chunks`")
     build_causal_residual(out)  # values checked by the constructor
+    return out
+
+
+def check_optim(optim) -> dict:
+    """The ``optim`` setting checked (``{}`` for ``None``): ``lr`` > 0, ``0 < decay_rate <= 1``,
+    ``decay_steps`` >= 1; a bad key or value raises ``ValueError`` naming it."""
+    if optim is None:
+        return {}
+    if not isinstance(optim, Mapping):
+        raise ValueError(f"`optim` must be a mapping of {list(OPTIM_KEYS)}; got {optim!r}")
+    bad = sorted(str(k) for k in optim if k not in OPTIM_KEYS)
+    if bad:
+        raise ValueError(f"`optim`: unknown key(s) {bad}; allowed: {list(OPTIM_KEYS)}")
+    out = {}
+    if "lr" in optim:
+        out["lr"] = check_float("optim.lr", optim["lr"], 0.0, low_open=True)
+    if "decay_rate" in optim:
+        out["decay_rate"] = check_float("optim.decay_rate", optim["decay_rate"], 0.0, 1.0, low_open=True)
+    if "decay_steps" in optim:
+        out["decay_steps"] = check_int("optim.decay_steps", optim["decay_steps"], 1)
     return out
 
 
@@ -156,13 +179,16 @@ class RecipeOptions:
     """What :class:`~paddle_pinn_balance.problems.Convection1D` and :class:`~paddle_pinn_balance.problems.AllenCahn1D`
     share for the recipe settings: ``net`` (a :class:`RecipeNet` instead of the plain MLP; with ``periodic`` the
     ``bc`` term is dropped, the embedding satisfies it exactly), ``causal`` (the ``res`` term is the causal
-    residual over the residual points' times) and ``n_res`` (residual points per iteration; default
-    ``batch_size``). The causal state starts afresh with every ``build_model()`` (one training run)."""
+    residual over the residual points' times), ``n_res`` (residual points per iteration; default
+    ``batch_size``) and ``optim`` (:data:`OPTIM_KEYS`: Adam's learning rate and decay, for runs longer than the
+    table's). The causal state starts afresh with every ``build_model()`` (one training run)."""
 
     x_range = (0.0, 1.0)
 
-    def _recipe_init(self, net, causal, n_res):
+    def _recipe_init(self, net, causal, n_res, optim=None):
         self.net, self.causal = check_net(net), check_causal(causal)
+        for key, value in check_optim(optim).items():
+            setattr(self, key, value)  # instance attributes over the class defaults read by optimizer()
         self.n_res = self.batch_size if n_res is None else check_int("n_res", n_res)
         if self.net is not None and self.net["periodic"]:
             self.loss_names = ("res", "ic")
