@@ -29,6 +29,20 @@ def test_every_registered_method_is_in_the_docs_table_and_exported():
         assert cls.__name__ in paddle_pinn_balance.__all__
 
 
+def test_the_loop_idiom_and_data_parallel_tests_cover_every_registered_method():
+    import test_distributed
+    import test_loops
+
+    surgery = {n for n in method_names() if REGISTRY[n][0].method_class.__module__ == "paddle_pinn_balance.surgery"}
+    assert surgery == {"pcgrad", "conflict_free", "upgrad", "m_conflict_free"}
+    assert set(test_loops.METHOD_OF_KIND) == set(test_loops.BALANCERS)
+    # the total's gradient is w^T G with the reported weights for every weighting; surgery's c^T G is checked in
+    # the loops of tests/test_surgery.py
+    assert set(test_loops.METHOD_OF_KIND.values()) == set(method_names()) - surgery
+    assert set(test_distributed.METHOD_OF_KIND) == set(test_distributed.KINDS)
+    assert set(test_distributed.METHOD_OF_KIND.values()) == set(method_names())
+
+
 def test_a_name_registered_twice_is_refused():
     with pytest.raises(ValueError, match="registered twice"):
         register("softadapt")(type("Other", (), {"__init__": lambda self: None}))

@@ -15,7 +15,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = ["sum", "lra_siam", "lra_code", "lra_norm", "gradnorm", "gradnorm_outside", "lra_clear_before", "ntk_trace",
          "ntk_mean", "ntk_grad_norm", "grad_norm_ratio", "relobralo", "softadapt", "uncertainty",
          "pcgrad", "conflict_free", "upgrad", "m_conflict_free", "relobralo_nan",
-         "softadapt_nan"]
+         "softadapt_nan", "dwa", "dwa_nan"]
+#: the registry name of each kind's method (tests/test_contract.py holds it against the registry: every method is
+#: here); "plain" is the surgery kinds' reference, not a kind of its own
+METHOD_OF_KIND = {"sum": "sum", "lra_siam": "lr_annealing", "lra_code": "lr_annealing", "lra_norm": "lr_annealing",
+                  "gradnorm": "grad_norm", "gradnorm_outside": "grad_norm", "lra_clear_before": "lr_annealing",
+                  "ntk_trace": "ntk", "ntk_mean": "ntk", "ntk_grad_norm": "ntk", "grad_norm_ratio": "grad_norm_ratio",
+                  "relobralo": "relobralo", "softadapt": "softadapt", "uncertainty": "uncertainty",
+                  "pcgrad": "pcgrad", "conflict_free": "conflict_free", "upgrad": "upgrad",
+                  "m_conflict_free": "m_conflict_free", "relobralo_nan": "relobralo", "softadapt_nan": "softadapt",
+                  "dwa": "dwa", "dwa_nan": "dwa"}
 #: weights stay 1: the direction changes (checked against a plain single-process run instead)
 SURGERY = ("pcgrad", "conflict_free", "upgrad", "m_conflict_free")
 #: loss-only kinds "*_nan": at this step rank 1's (and the single process's) boundary loss is NaN, as when one
@@ -52,6 +61,7 @@ def train(kind, rank, world):
     from reference import make_net
 
     from paddle_pinn_balance import (
+        DWA,
         ConFIG,
         GradNorm,
         GradNormRatio,
@@ -103,6 +113,8 @@ def train(kind, rank, world):
         bal = ReLoBRaLo(expected_rho=0.5, tau=0.5, seed=3)  # look-back draws of both outcomes in 5 steps
     elif kind.startswith("softadapt"):
         bal = SoftAdapt(beta=2.0)
+    elif kind.startswith("dwa"):
+        bal = DWA(temperature=1.0)
     elif kind == "uncertainty":
         bal = UncertaintyWeighting(loss_names=["res", "bc"])
     elif kind == "pcgrad":
@@ -115,6 +127,11 @@ def train(kind, rank, world):
         bal = MConFIG(net)
     else:  # "plain": the reference of the surgery kinds
         bal = Sum()
+    if kind != "plain":  # the kind builds the method METHOD_OF_KIND names
+        from paddle_pinn_balance.contract import REGISTRY
+
+        built = wrapper if kind.startswith("gradnorm") else bal
+        assert type(built) is REGISTRY[METHOD_OF_KIND[kind]][0].method_class, kind
     params = model.parameters()
     params += [p for p in bal.parameters() if all(p is not q for q in params)]  # each once
     opt = paddle.optimizer.SGD(0.05, parameters=params)

@@ -8,6 +8,7 @@ import pytest
 from reference import DTYPE
 
 from paddle_pinn_balance import (
+    DWA,
     GradNorm,
     GradNormRatio,
     LRAnnealing,
@@ -17,6 +18,7 @@ from paddle_pinn_balance import (
     Sum,
     UncertaintyWeighting,
 )
+from paddle_pinn_balance.contract import REGISTRY
 
 X_R = np.linspace(-1, 1, 12, dtype=DTYPE).reshape([-1, 1])
 X_B = np.array([[-1.0], [1.0]], dtype=DTYPE)
@@ -59,7 +61,21 @@ BALANCERS = {
     "gradnorm": lambda net: (lambda w: (w, w.aggregator))(GradNorm(net, n_loss=2, alpha=1.0)),
     "grad_norm_ratio": lambda net: (net, GradNormRatio(net, update_freq=1)),
     "uncertainty": lambda net: (net, UncertaintyWeighting(loss_names=["res", "bc"], init_log_var=0.3)),
+    "dwa": lambda net: (net, DWA(temperature=1.0, update_freq=1)),
 }
+#: the registry name of each kind's method (tests/test_contract.py holds it against the registry: every method
+#: that weights the terms is here; the surgery methods, whose total delivers c^T G, are in tests/test_surgery.py)
+METHOD_OF_KIND = {"sum": "sum", "lra_siam": "lr_annealing", "lra_arxiv": "lr_annealing", "lra_code": "lr_annealing",
+                  "ntk_trace": "ntk", "ntk_grad_norm": "ntk", "relobralo": "relobralo", "softadapt": "softadapt",
+                  "gradnorm": "grad_norm", "grad_norm_ratio": "grad_norm_ratio", "uncertainty": "uncertainty",
+                  "dwa": "dwa"}
+
+
+@pytest.mark.parametrize("kind", sorted(BALANCERS))
+def test_each_kind_builds_the_method_it_is_listed_under(kind):
+    model, bal = BALANCERS[kind](make_net())
+    built = model if METHOD_OF_KIND[kind] == "grad_norm" else bal  # GradNorm: the wrapper is the method
+    assert type(built) is REGISTRY[METHOD_OF_KIND[kind]][0].method_class
 
 
 def net_params(model):
