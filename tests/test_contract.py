@@ -29,6 +29,21 @@ def test_every_registered_method_is_in_the_docs_table_and_exported():
         assert cls.__name__ in paddle_pinn_balance.__all__
 
 
+#: how the README's first paragraph names each registered method (a new method must be named there too)
+README_NAMES = {"lr_annealing": "learning-rate annealing", "ntk": "NTK trace weighting", "grad_norm": "GradNorm",
+                "grad_norm_ratio": "grad-norm ratios", "relobralo": "ReLoBRaLo", "softadapt": "SoftAdapt",
+                "dwa": "Dynamic Weight Average", "uncertainty": "uncertainty weighting", "pcgrad": "PCGrad",
+                "conflict_free": "ConFIG", "m_conflict_free": "M-ConFIG", "upgrad": "UPGrad"}
+
+
+def test_the_readme_names_every_registered_method():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        intro = " ".join(f.read().split("\n\n")[2].split())  # the paragraph that lists the methods
+    assert set(README_NAMES) == set(method_names()) - {"sum"}
+    missing = [n for n, words in README_NAMES.items() if words not in intro]
+    assert not missing, missing
+
+
 def test_the_loop_idiom_and_data_parallel_tests_cover_every_registered_method():
     import test_distributed
     import test_loops
