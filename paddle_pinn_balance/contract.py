@@ -35,9 +35,22 @@ slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters 
 warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
 <paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
 
-On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only) and the grad-norm ratio (gradients). LRA, NTK, GradNorm,
-uncertainty and gradient surgery still use the older hooks ``_update_from_gradients`` / ``_update`` /
-``_direction``; ``docs/adding-a-method.md`` shows the contract.
+Direction methods (gradient surgery: PCGrad, ConFIG, M-ConFIG, UPGrad) deliver a direction instead of
+weights, composed as TorchJD composes an aggregator: a *weighting* maps the per-term gradients' Gram matrix
+``G G^T`` to coefficients ``c``, and one *combiner*, :func:`combine`, forms ``c^T G`` (a weighting method's
+gradient is the same combiner applied to its weights, ``w^T G``). Such a method subclasses
+:class:`~paddle_pinn_balance.surgery.Surgery` (the direction machinery, marked ``_machinery = True``), declares
+its state in ``state_spec`` as above, and defines ``weighting(self, gram, state) -> (c, new slots)``, or, when
+its direction is not a combination of this call's ``G`` (M-ConFIG combines momenta), its own pure ``update``
+returning ``(direction, new slots, statistic)``. ``Surgery`` keeps the weights at 1, guards the slots with the
+statistic, counts update steps in the slot named by ``counter`` (a host int in ``state``: PCGrad's draw number,
+M-ConFIG's turn) and delivers the direction through the update step's total. :func:`check_contract` refuses, at
+class creation, a direction method that overrides the machinery, reads no gradients, defines neither
+``weighting`` nor ``update``, or has a malformed signature.
+
+On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only), the grad-norm ratio (gradients) and gradient surgery
+(directions). LRA, NTK, GradNorm and uncertainty still use the older hooks ``_update_from_gradients`` /
+``_update``; ``docs/adding-a-method.md`` shows the contract.
 """
 
 from __future__ import annotations
@@ -176,12 +189,12 @@ def check_contract(cls, base) -> None:
         raise TypeError(f"{cls.__name__}.history must be a non-negative int; got {cls.history!r}")
     if root is cls:
         return  # the machinery itself (checked against `base` by the rest of its own code)
+    if root is not base:
+        _check_direction(cls, root)
     legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(root, h, None)]
     if legacy:
         raise TypeError(f"{cls.__name__} defines `update` and the older hook(s) {legacy}: declare the state in "
                         "`state_spec` and do all of the update in `update`")
-    if root is not base:
-        _check_direction(cls, root)
 
 
 def _check_direction(cls, root) -> None:

@@ -5,6 +5,15 @@ combination ``d(G) = c^T G``. The coefficients ``c`` are found from the ``K x K`
 ``G G^T`` (one extra matmul), so the direction costs one more ``[K, P]`` matmul than a weighted sum and no
 extra backward: the base class already holds ``G`` on update steps. :class:`MConFIG` differentiates one
 term per step (the paper's point: cheaper than a plain step's backward) and combines momenta of the rows.
+
+How they plug in (the method contract, :mod:`paddle_pinn_balance.contract`, as TorchJD composes an aggregator): a
+*weighting* maps the Gram matrix to coefficients, ``weighting(gram, state) -> (c, new slots)`` (PCGrad, ConFIG,
+UPGrad: :func:`~paddle_pinn_balance.directions.pcgrad_coefficients` and its siblings), and one *combiner*,
+:func:`~paddle_pinn_balance.contract.combine`, turns them into ``c^T G`` (:meth:`Surgery.update`). State is
+declared once in ``state_spec`` (PCGrad: its draw number; M-ConFIG: momenta, counts, its turn); :class:`Surgery`
+runs the update, guards the state, counts the update steps and delivers the direction through the update step's
+total. M-ConFIG combines its momenta rather than ``G`` and normalises the result: it writes its own pure
+``update``, from the same weighting and combiner. The pure math is in :mod:`paddle_pinn_balance.directions`.
 """
 
 from __future__ import annotations
@@ -49,10 +58,10 @@ class Surgery(Balancer):
     * or, when its direction is not a combination of this call's ``G`` (M-ConFIG: of its momenta), ``update(self,
       losses, G, state) -> (d, new slots, statistic)`` itself, composed from the same pieces.
 
-    This class runs the update on update steps (:meth:`_apply_update`): the statistic (``diag(G G^T)`` by default,
+    This class runs the update on update steps (``_apply_update``): the statistic (``diag(G G^T)`` by default,
     non-finite exactly when a term's gradient is) feeds the warnings, the returned slots are kept only where it
     is finite (``where(ok, new, old)``, as the base guards a weighting's state), and the update step's total
-    delivers ``d`` (:meth:`_direction`). The weights stay 1: the total's value is :math:`\sum_i L_i`.
+    delivers ``d`` (``_direction``). The weights stay 1: the total's value is :math:`\sum_i L_i`.
 
     ``counter``: the name of an int64 ``[1]`` slot counting this method's update steps (PCGrad's draw number,
     M-ConFIG's turn): ``state[counter]`` is its value as a Python int (the host keeps it: no synchronisation),
@@ -126,8 +135,7 @@ class Surgery(Balancer):
                 old = b[n]
                 if value.dtype != old.dtype:
                     value = ops.cast(value, old.dtype)
-                cond = ops.expand(ops.reshape(ok, [1] * old.ndim), old.shape)
-                b[n] = ops.where(cond, value if value.stop_gradient else value.detach(), old)
+                b[n] = ops.where(ok, value if value.stop_gradient else value.detach(), old)  # 0-d `ok`, expanded
         if self.counter is not None:
             h["surgery_count"] = count + 1
             ops.increment_(b[self.counter])
@@ -162,6 +170,10 @@ class PCGrad(Surgery):
     (times any factor on the total). At each update every term draws its own order of the others (the
     paper's Algorithm 1), ``K`` permutations from a NumPy generator seeded with ``(seed, draw number)``; the
     draw number is saved in the ``state_dict`` (bit-exact resume).
+
+    On the contract: ``weighting(gram, state)`` is :func:`~paddle_pinn_balance.directions.pcgrad_coefficients`
+    with the orders of draw ``state["pcgrad_draws"]`` (the declared counter slot, a host int), combined as
+    :math:`c^\top G` by :class:`Surgery`.
 """ + _CADENCE + r"""
 
     Args:
@@ -211,7 +223,9 @@ class PCGrad(Surgery):
 class ConFIG(Surgery):
     __doc__ = r"""ConFIG (Liu, Chu, Thuerey, ICLR 2025) as a balancer: :func:`config_direction` on update steps.
 
-    The total's value is :math:`\sum_i L_i`; its backward delivers the conflict-free direction.
+    The total's value is :math:`\sum_i L_i`; its backward delivers the conflict-free direction. On the contract:
+    ``weighting(gram, state)`` is :func:`~paddle_pinn_balance.directions.config_coefficients` (no state),
+    combined as :math:`c^\top G` by :class:`Surgery`.
 """ + _CADENCE + r"""
 
     Args:
@@ -238,6 +252,9 @@ class ConFIG(Surgery):
 @register("upgrad")
 class UPGrad(Surgery):
     __doc__ = r"""UPGrad (Quinton & Rey, Jacobian Descent, TorchJD) as a balancer: :func:`upgrad_direction`.
+
+    On the contract: ``weighting(gram, state)`` is :func:`~paddle_pinn_balance.directions.upgrad_coefficients`
+    (TorchJD's ``UPGradWeighting`` of the Gramian; no state), combined as :math:`c^\top G` by :class:`Surgery`.
 """ + _CADENCE + r"""
 
     Note:
@@ -302,9 +319,18 @@ class MConFIG(Surgery):
     Cost: one backward of one term per update step (no backward of the others), a ``K x K`` Gram of the
     momenta and one ``[K, P]`` product; state ``K + 2`` vectors of the parameters' size.
 
-    A non-finite gradient of the term whose turn it is skips the step: momenta, counts and second moment are
-    kept, the delivered direction is zero, and the turn moves on. Data-parallel: the term's gradient is averaged
-    over ranks first, and every rank takes the same term, so the state is identical on every rank.
+    On the contract: the state is declared in ``state_spec`` (momenta, counts, pseudo and second momentum,
+    ``direction_count``, and the counter ``mconfig_turn``, whose host value picks the term,
+    ``gradient_terms``); the pure ``update`` composes ConFIG's weighting of the momenta's Gram matrix
+    (:func:`~paddle_pinn_balance.directions.config_coefficients`) with the one combiner
+    (:func:`~paddle_pinn_balance.contract.combine`, :math:`\hat m_g = c^\top \hat M`), then the second-moment
+    step, and returns the direction; :class:`Surgery` guards the state and delivers it. :math:`\epsilon` is the
+    base's ``eps``.
+
+    A non-finite gradient of the term whose turn it is (its squared norm, the guard's statistic, non-finite) skips
+    the step: momenta, counts and second moment are kept, the delivered direction is zero, and the turn moves on.
+    Data-parallel: the term's gradient is averaged over ranks first, and every rank takes the same term, so the
+    state is identical on every rank.
 
     Args:
         model: the ``paddle.nn.Layer`` (or list of parameters) the losses depend on.
@@ -376,12 +402,13 @@ class MConFIG(Surgery):
     def gradient_terms(self, k, count):
         return [count % k]  # this turn's term only
 
-    def _row_mask(self, i: int, k: int) -> paddle.Tensor:
-        """``[k]`` bool, true at ``i`` (a constant, made once per ``(i, k)``)."""
+    def _row_mask(self, i: int, k: int) -> tuple:
+        """``[k]`` and ``[k, 1]`` bool, true at ``i`` (constants, made once per ``(i, k)``)."""
         masks = self.__dict__.setdefault("_turn_masks", {})
         mask = masks.get((i, k))
         if mask is None:
-            mask = masks[(i, k)] = paddle.to_tensor(np.arange(k) == i)
+            flags = np.arange(k) == i
+            mask = masks[(i, k)] = (paddle.to_tensor(flags), paddle.to_tensor(flags[:, None]))
         return mask
 
     def update(self, losses, G, state):
@@ -392,11 +419,11 @@ class MConFIG(Surgery):
         k = M.shape[0]
         i = state["mconfig_turn"] % k
         g = ops.reshape(G, [-1])
-        mask = self._row_mask(i, k)
+        mask, rows = self._row_mask(i, k)
         stat = ops.where(mask, ops.expand(ops.total(g * g), [k]), ops.filled(k, 1.0, g))
         ok = ops.all_finite(stat)  # the guard's verdict on the returned slots, as the base forms it
-        M = ops.where(ops.expand(ops.reshape(mask, [k, 1]), M.shape),
-                      ops.expand(ops.reshape(b1 * M[i] + (1.0 - b1) * g, [1, -1]), M.shape), M)
+        M = ops.where(ops.expand(rows, M.shape), ops.expand(ops.reshape(b1 * M[i] + (1.0 - b1) * g, [1, -1]),
+                                                            M.shape), M)  # row i replaced
         counts = counts + ops.cast(mask, counts.dtype)
         seen = counts > 0
         one = ops.filled(None, 1.0, counts)
