@@ -124,7 +124,7 @@ class Surgery(Balancer):
         count = self._count()
         if self.counter is not None:
             state[self.counter] = count
-        d, new, stat = self.update(losses, G, state)
+        d, new, stat = self.update(ops.cast(losses, b["lambdas"].dtype), G, state)
         self._record_bad_terms(stat)
         if new:
             ok = ops.all_finite(stat)
