@@ -188,7 +188,7 @@ def check_contract(cls, base) -> None:
     if isinstance(cls.history, bool) or not isinstance(cls.history, int) or cls.history < 0:
         raise TypeError(f"{cls.__name__}.history must be a non-negative int; got {cls.history!r}")
     if root is cls:
-        return  # the machinery itself (checked against `base` by the rest of its own code)
+        return  # the machinery itself: it overrides the base's hooks by design
     if root is not base:
         _check_direction(cls, root)
     legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(root, h, None)]
