@@ -413,7 +413,7 @@ class Balancer(Checkpointed, paddle.nn.Layer):
     def _direction(self, G: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """The gradient the update step's total delivers to ``self._params`` (flat): ``w^T G``.
 
-        Gradient-surgery methods override it with their own combination of the rows of ``G``."""
+        Direction methods (:class:`~paddle_pinn_balance.surgery.Surgery`) deliver their update's direction."""
         return ops.matmul(ops.cast(w.detach(), G.dtype), G)
 
     def add_parameters(self, params) -> None:

@@ -35,9 +35,22 @@ slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters 
 warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
 <paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
 
-On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only) and the grad-norm ratio (gradients). LRA, NTK, GradNorm,
-uncertainty and gradient surgery still use the older hooks ``_update_from_gradients`` / ``_update`` /
-``_direction``; ``docs/adding-a-method.md`` shows the contract.
+Direction methods (gradient surgery: PCGrad, ConFIG, M-ConFIG, UPGrad) deliver a direction instead of
+weights, composed as TorchJD composes an aggregator: a *weighting* maps the per-term gradients' Gram matrix
+``G G^T`` to coefficients ``c``, and one *combiner*, :func:`combine`, forms ``c^T G`` (a weighting method's
+gradient is the same combiner applied to its weights, ``w^T G``). Such a method subclasses
+:class:`~paddle_pinn_balance.surgery.Surgery` (the direction machinery, marked ``_machinery = True``), declares
+its state in ``state_spec`` as above, and defines ``weighting(self, gram, state) -> (c, new slots)``, or, when
+its direction is not a combination of this call's ``G`` (M-ConFIG combines momenta), its own pure ``update``
+returning ``(direction, new slots, statistic)``. ``Surgery`` keeps the weights at 1, guards the slots with the
+statistic, counts update steps in the slot named by ``counter`` (a host int in ``state``: PCGrad's draw number,
+M-ConFIG's turn) and delivers the direction through the update step's total. :func:`check_contract` refuses, at
+class creation, a direction method that overrides the machinery, reads no gradients, defines neither
+``weighting`` nor ``update``, or has a malformed signature.
+
+On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only), the grad-norm ratio (gradients) and gradient surgery
+(directions). LRA, NTK, GradNorm and uncertainty still use the older hooks ``_update_from_gradients`` /
+``_update``; ``docs/adding-a-method.md`` shows the contract.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ import inspect
 import pkgutil
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
-__all__ = ["REGISTRY", "Slot", "register", "discover", "method_names", "pick", "ready", "check_contract"]
+__all__ = ["REGISTRY", "Slot", "register", "discover", "method_names", "pick", "ready", "combine", "check_contract"]
 
 #: balancer name -> (builder ``(model, **kw) -> Balancer``, the constructor whose keyword arguments a config may use);
 #: filled by :func:`register` when a method's module is imported (:func:`discover` imports them all)
@@ -134,22 +147,70 @@ def pick(flags, yes, no):
     return ops.where(flags, yes, no)
 
 
+def combine(c, rows):
+    """The one combiner: ``c^T rows`` (``c`` ``[K]`` coefficients, ``rows`` ``[K, P]``), in the rows' dtype.
+
+    The gradient a weighting delivers is ``w^T G``; a direction method's (gradient surgery) is ``c^T G`` with
+    its coefficients ``c`` (TorchJD's weighted aggregator ``w^T J``)."""
+    from . import ops
+
+    return ops.matmul(ops.cast(c, rows.dtype), rows)
+
+
 #: state names a method may not declare: the base's own, and the extra keys of ``state``
 _RESERVED = frozenset({"taken", "weights", "step", "lambdas", "initialised", "num_calls", "num_updates",
                        "last_update_step", "names_utf8", "method_utf8", "scale_min", "scale_nonfinite"})
 _LEGACY = ("_update", "_update_from_gradients", "_create_state", "_extra_state_shapes", "_total", "_direction")
 
 
+def _machinery(cls, base):
+    """The class whose machinery ``cls`` plugs into: the nearest class of its MRO with ``_machinery = True`` in its
+    own body (:class:`~paddle_pinn_balance.surgery.Surgery` for the direction methods), else ``base``."""
+    return next((c for c in cls.__mro__ if c.__dict__.get("_machinery")), base)
+
+
+#: what the direction machinery owns: a direction method that overrides one is refused
+_DIRECTION_MACHINERY = ("_apply_update", "_direction", "_term_gradients", "_total", "_set_weights")
+
+
 def check_contract(cls, base) -> None:
     """Raise ``TypeError`` unless ``cls`` (a subclass of ``base`` that defines ``update``) follows the contract:
     ``update(self, losses, G, state)``, ``history`` a non-negative int, the state only in ``state_spec``, none of the
-    older hooks (called by ``Balancer.__init_subclass__``)."""
+    older hooks (called by ``Balancer.__init_subclass__``).
+
+    A direction method (a subclass of the machinery class, :class:`~paddle_pinn_balance.surgery.Surgery`) also:
+    reads gradients (``needs_gradients``), defines ``weighting(self, gram, state)`` or its own ``update``,
+    declares ``counter`` as ``None`` or the name of one of its slots, and leaves the machinery's methods alone."""
+    root = _machinery(cls, base)
     params = list(inspect.signature(cls.update).parameters)
     if params != ["self", "losses", "G", "state"]:
         raise TypeError(f"{cls.__name__}.update must be `update(self, losses, G, state)`; got ({', '.join(params)})")
     if isinstance(cls.history, bool) or not isinstance(cls.history, int) or cls.history < 0:
         raise TypeError(f"{cls.__name__}.history must be a non-negative int; got {cls.history!r}")
-    legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(base, h, None)]
+    if root is cls:
+        return  # the machinery itself: it overrides the base's hooks by design
+    if root is not base:
+        _check_direction(cls, root)
+    legacy = [h for h in _LEGACY if getattr(cls, h, None) is not getattr(root, h, None)]
     if legacy:
         raise TypeError(f"{cls.__name__} defines `update` and the older hook(s) {legacy}: declare the state in "
                         "`state_spec` and do all of the update in `update`")
+
+
+def _check_direction(cls, root) -> None:
+    name = cls.__name__
+    own = [h for h in _DIRECTION_MACHINERY if getattr(cls, h, None) is not getattr(root, h, None)]
+    if own:
+        raise TypeError(f"{name} overrides {own} of the direction machinery ({root.__name__}): return the "
+                        "coefficients from `weighting(self, gram, state)` (or the direction from `update`)")
+    if cls.needs_gradients is not True:
+        raise TypeError(f"{name} is a direction method (a {root.__name__}): it reads the gradients, "
+                        "`needs_gradients` must stay True")
+    if cls.weighting is root.weighting and cls.update is root.update:
+        raise TypeError(f"{name} must define `weighting(self, gram, state) -> (coefficients, new slots)` "
+                        "(or its own `update(self, losses, G, state) -> (direction, new slots, statistic)`)")
+    params = list(inspect.signature(cls.weighting).parameters)
+    if params != ["self", "gram", "state"]:
+        raise TypeError(f"{name}.weighting must be `weighting(self, gram, state)`; got ({', '.join(params)})")
+    if cls.counter is not None and not isinstance(cls.counter, str):
+        raise TypeError(f"{name}.counter must be None or the name of an int64 [1] slot; got {cls.counter!r}")

@@ -5,6 +5,15 @@ combination ``d(G) = c^T G``. The coefficients ``c`` are found from the ``K x K`
 ``G G^T`` (one extra matmul), so the direction costs one more ``[K, P]`` matmul than a weighted sum and no
 extra backward: the base class already holds ``G`` on update steps. :class:`MConFIG` differentiates one
 term per step (the paper's point: cheaper than a plain step's backward) and combines momenta of the rows.
+
+How they plug in (the method contract, :mod:`paddle_pinn_balance.contract`, as TorchJD composes an aggregator): a
+*weighting* maps the Gram matrix to coefficients, ``weighting(gram, state) -> (c, new slots)`` (PCGrad, ConFIG,
+UPGrad: :func:`~paddle_pinn_balance.directions.pcgrad_coefficients` and its siblings), and one *combiner*,
+:func:`~paddle_pinn_balance.contract.combine`, turns them into ``c^T G`` (:meth:`Surgery.update`). State is
+declared once in ``state_spec`` (PCGrad: its draw number; M-ConFIG: momenta, counts, its turn); :class:`Surgery`
+runs the update, guards the state, counts the update steps and delivers the direction through the update step's
+total. M-ConFIG combines its momenta rather than ``G`` and normalises the result: it writes its own pure
+``update``, from the same weighting and combiner. The pure math is in :mod:`paddle_pinn_balance.directions`.
 """
 
 from __future__ import annotations
@@ -15,8 +24,8 @@ import numpy as np
 import paddle
 
 from . import ops
-from .balancer import Balancer, check_float, check_int, weighted_sum
-from .contract import register
+from .balancer import Balancer, check_float, check_int
+from .contract import Slot, combine, register
 from .directions import (  # noqa: F401  (the directions' math, importable from here as before)
     _dual_cone_weights,
     _gram,
@@ -29,32 +38,121 @@ from .directions import (  # noqa: F401  (the directions' math, importable from 
     upgrad_coefficients,
     upgrad_direction,
 )
-from .gradients import assembled_total, trainable_parameters
+from .gradients import trainable_parameters
 
-__all__ = ["pcgrad_direction", "config_direction", "upgrad_direction", "PCGrad", "ConFIG", "MConFIG", "UPGrad"]
+__all__ = ["pcgrad_direction", "config_direction", "upgrad_direction", "Surgery", "PCGrad", "ConFIG", "MConFIG",
+           "UPGrad"]
 
 
-class _Surgery(Balancer):
-    """Shared base: weights stay 1 (the value is ``sum_i L_i``); the update step's total delivers ``d(G)``."""
+class Surgery(Balancer):
+    r"""The direction methods' half of the base: a weighting of the Gram matrix composed with one combiner.
+
+    A direction method plugs in like any method of the contract (:mod:`paddle_pinn_balance.contract`): it
+    declares its state once in ``state_spec(k)`` and its math is pure. What it computes is not weights but a
+    direction: the method defines
+
+    * ``weighting(self, gram, state) -> (c, new slots)``: coefficients ``c`` (``[K]``) from the ``K x K`` Gram
+      matrix ``G G^T`` (TorchJD's ``Weighting`` of the Gramian), which :meth:`update`, the one combiner,
+      turns into the direction :math:`d = c^\top G` (:func:`~paddle_pinn_balance.contract.combine`; TorchJD's
+      weighted aggregator);
+    * or, when its direction is not a combination of this call's ``G`` (M-ConFIG: of its momenta), ``update(self,
+      losses, G, state) -> (d, new slots, statistic)`` itself, composed from the same pieces.
+
+    This class runs the update on update steps (``_apply_update``): the statistic (``diag(G G^T)`` by default,
+    non-finite exactly when a term's gradient is) feeds the warnings, the returned slots are kept only where it
+    is finite (``where(ok, new, old)``, as the base guards a weighting's state), and the update step's total
+    delivers ``d`` (``_direction``). The weights stay 1: the total's value is :math:`\sum_i L_i`.
+
+    ``counter``: the name of an int64 ``[1]`` slot counting this method's update steps (PCGrad's draw number,
+    M-ConFIG's turn): ``state[counter]`` is its value as a Python int (the host keeps it: no synchronisation),
+    it advances on every update step whatever the guard says, and a checkpoint's negative value is refused.
+    ``gradient_terms(k, count)``: the terms whose gradients ``G`` holds (default all; M-ConFIG: the turn's).
+    """
 
     needs_gradients = True
+    #: the int64 ``[1]`` slot that counts update steps, mirrored on the host (``None``: no counter)
+    counter: Optional[str] = None
+    #: this class is the machinery of the direction methods: the contract checks its subclasses against it
+    _machinery = True
 
     def __init__(self, model, update_freq: int = 1, loss_names: Optional[Sequence[str]] = None,
-                 check_every: int = 100):
+                 check_every: int = 100, eps: float = 1e-8):
         self._params = trainable_parameters(model, "all")
-        super().__init__(loss_names=loss_names, update_freq=check_int("update_freq", update_freq),
+        super().__init__(loss_names=loss_names, update_freq=check_int("update_freq", update_freq), eps=eps,
                          assemble=True, check_every=check_every)
 
     #: a non-finite gradient is not skipped (there is no weight to keep): the direction is non-finite
     _nonfinite_effect = "the direction of those updates was non-finite, as the plain sum's gradient would be"
 
-    def _update_from_gradients(self, losses, G):
-        return None  # no weights to learn: the combination is in `_direction`
+    # ------------------------------------------------------------------ what a method defines
+
+    def weighting(self, gram: paddle.Tensor, state: dict):
+        """The coefficients ``c`` (``[K]``) of the direction ``c^T G`` from ``gram = G G^T``, and the new slots."""
+        raise NotImplementedError
+
+    def gradient_terms(self, k: int, count: int) -> Optional[list]:
+        """The terms whose gradients the update reads (``None``: all ``k``), at the ``count``-th update step."""
+        return None
+
+    def update(self, losses, G, state):
+        """The one combiner: ``d = c^T G``, ``c`` the method's :meth:`weighting` of ``G G^T``; the statistic
+        ``||g_i||^2`` (non-finite or 0 exactly when ``g_i`` is)."""
+        gram = _gram(G)
+        c, new = self.weighting(gram, state)
+        return combine(c, G), new, paddle.diagonal(gram)
+
+    # ------------------------------------------------------------------ the machinery (not overridden by methods)
+
+    def _count(self) -> int:
+        return self._host.get("surgery_count", 0)
+
+    def _term_gradients(self, values: list) -> paddle.Tensor:
+        rows = self.gradient_terms(len(values), self._count())
+        return super()._term_gradients(values if rows is None else [values[i] for i in rows])
+
+    def _apply_update(self, losses, G) -> None:
+        """Run :meth:`update`; record its statistic, keep its slots where the statistic is finite, advance the
+        counter, and hold the direction for :meth:`_direction` (this update step's total)."""
+        b, h = self._buffers, self._host
+        names = self.__dict__.get("_slot_names")
+        if names is None:
+            names = self.__dict__["_slot_names"] = tuple(self.state_spec(len(self._names)))
+            if self.counter is not None and self.counter not in names:
+                raise TypeError(f"{type(self).__name__}.counter {self.counter!r} is not a slot of its state_spec")
+        state = {n: b[n] for n in names}
+        state["weights"], state["step"] = b["lambdas"], h["step"]
+        count = self._count()
+        if self.counter is not None:
+            state[self.counter] = count
+        d, new, stat = self.update(ops.cast(losses, b["lambdas"].dtype), G, state)
+        self._record_bad_terms(stat)
+        if new:
+            ok = ops.all_finite(stat)
+            for n, value in new.items():
+                if n not in names or n == self.counter:
+                    raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
+                                   f"({sorted(set(names) - {self.counter})})")
+                old = b[n]
+                if value.dtype != old.dtype:
+                    value = ops.cast(value, old.dtype)
+                b[n] = ops.where(ok, value if value.stop_gradient else value.detach(), old)  # 0-d `ok`, expanded
+        if self.counter is not None:
+            h["surgery_count"] = count + 1
+            ops.increment_(b[self.counter])
+        h["direction"] = d
 
     def _direction(self, G, w):
-        gram = _gram(G)
-        self._record_bad_terms(paddle.diagonal(gram))  # ||g_i||^2: non-finite or 0 exactly when g_i is
-        return paddle.matmul(self._coefficients(gram), G)
+        return self._host.pop("direction")
+
+    def _check_state(self, arrays, names):
+        super()._check_state(arrays, names)
+        if self.counter is not None and self.counter in arrays:
+            check_int(f"state_dict[{self.counter!r}]", int(arrays[self.counter][0]), minimum=0)
+
+    def _after_load(self):
+        super()._after_load()
+        if self.counter is not None:
+            self._host["surgery_count"] = int(self._buffers[self.counter].numpy()[0])
 
 
 _CADENCE = """
@@ -65,13 +163,17 @@ _CADENCE = """
 
 
 @register("pcgrad")
-class PCGrad(_Surgery):
+class PCGrad(Surgery):
     __doc__ = r"""PCGrad (Yu et al., NeurIPS 2020) as a balancer: :func:`pcgrad_direction` on update steps.
 
     The total's value is :math:`\sum_i L_i`; its backward delivers :math:`d = \sum_i g_i^{PC}`
     (times any factor on the total). At each update every term draws its own order of the others (the
     paper's Algorithm 1), ``K`` permutations from a NumPy generator seeded with ``(seed, draw number)``; the
     draw number is saved in the ``state_dict`` (bit-exact resume).
+
+    On the contract: ``weighting(gram, state)`` is :func:`~paddle_pinn_balance.directions.pcgrad_coefficients`
+    with the orders of draw ``state["pcgrad_draws"]`` (the declared counter slot, a host int), combined as
+    :math:`c^\top G` by :class:`Surgery`.
 """ + _CADENCE + r"""
 
     Args:
@@ -98,43 +200,32 @@ class PCGrad(_Surgery):
         T. Yu et al. Gradient surgery for multi-task learning. NeurIPS 2020.
     """
 
+    counter = "pcgrad_draws"  # the draw number: update steps so far
+
     def __init__(self, model, seed: int = 0, eps: float = 1e-20, update_freq: int = 1,
                  loss_names: Optional[Sequence[str]] = None, check_every: int = 100):
         self.seed = check_int("seed", seed, minimum=0)
-        self.pc_eps = check_float("eps", eps, 0.0)
-        self._draws = 0
-        super().__init__(model, update_freq, loss_names, check_every)
-        self.register_buffer("pcgrad_draws", paddle.zeros([1], dtype="int64"))
+        super().__init__(model, update_freq, loss_names, check_every, eps=eps)
 
-    def _extra_state_shapes(self, k):
-        return {"pcgrad_draws": [1]}
-
-    def _check_state(self, arrays, names):
-        super()._check_state(arrays, names)
-        check_int("state_dict['pcgrad_draws']", int(arrays["pcgrad_draws"][0]), minimum=0)
-
-    def _after_load(self):
-        super()._after_load()
-        self._draws = int(self.pcgrad_draws.numpy()[0])
+    def state_spec(self, k):
+        return {"pcgrad_draws": Slot([1], 0, "int64")}
 
     def orders(self, k: int, draw: int) -> np.ndarray:
         """The ``[k, k]`` orders of update number ``draw`` (row ``i``: term ``i``'s order)."""
         rng = np.random.default_rng([self.seed, draw])
         return np.stack([rng.permutation(k) for _ in range(k)])
 
-    def _coefficients(self, gram):
-        k = gram.shape[0]
-        order = self.orders(k, self._draws)
-        self._draws += 1
-        paddle.assign(paddle.full([1], self._draws, dtype="int64"), self.pcgrad_draws)
-        return pcgrad_coefficients(gram, order, self.pc_eps)
+    def weighting(self, gram, state):
+        return pcgrad_coefficients(gram, self.orders(gram.shape[0], state["pcgrad_draws"]), self.eps), {}
 
 
 @register("conflict_free")
-class ConFIG(_Surgery):
+class ConFIG(Surgery):
     __doc__ = r"""ConFIG (Liu, Chu, Thuerey, ICLR 2025) as a balancer: :func:`config_direction` on update steps.
 
-    The total's value is :math:`\sum_i L_i`; its backward delivers the conflict-free direction.
+    The total's value is :math:`\sum_i L_i`; its backward delivers the conflict-free direction. On the contract:
+    ``weighting(gram, state)`` is :func:`~paddle_pinn_balance.directions.config_coefficients` (no state),
+    combined as :math:`c^\top G` by :class:`Surgery`.
 """ + _CADENCE + r"""
 
     Args:
@@ -154,13 +245,16 @@ class ConFIG(_Surgery):
         self.rcond = check_float("rcond", rcond, 0.0, 1.0, low_open=True)
         super().__init__(model, update_freq, loss_names, check_every)
 
-    def _coefficients(self, gram):
-        return config_coefficients(gram, rcond=self.rcond)
+    def weighting(self, gram, state):
+        return config_coefficients(gram, rcond=self.rcond), {}
 
 
 @register("upgrad")
-class UPGrad(_Surgery):
+class UPGrad(Surgery):
     __doc__ = r"""UPGrad (Quinton & Rey, Jacobian Descent, TorchJD) as a balancer: :func:`upgrad_direction`.
+
+    On the contract: ``weighting(gram, state)`` is :func:`~paddle_pinn_balance.directions.upgrad_coefficients`
+    (TorchJD's ``UPGradWeighting`` of the Gramian; no state), combined as :math:`c^\top G` by :class:`Surgery`.
 """ + _CADENCE + r"""
 
     Note:
@@ -179,12 +273,12 @@ class UPGrad(_Surgery):
         _nnls()  # SciPy is an extra: say so now, not at the first update
         super().__init__(model, update_freq, loss_names, check_every)
 
-    def _coefficients(self, gram):
-        return upgrad_coefficients(gram)
+    def weighting(self, gram, state):
+        return upgrad_coefficients(gram), {}
 
 
 @register("m_conflict_free")
-class MConFIG(_Surgery):
+class MConFIG(Surgery):
     __doc__ = r"""M-ConFIG (Liu, Chu, Thuerey, ICLR 2025, the M-ConFIG algorithm, "Algorithm 1" in the authors'
     documentation; its number in the paper not checked): ConFIG of per-term gradient momenta, one term's
     gradient per step.
@@ -225,9 +319,18 @@ class MConFIG(_Surgery):
     Cost: one backward of one term per update step (no backward of the others), a ``K x K`` Gram of the
     momenta and one ``[K, P]`` product; state ``K + 2`` vectors of the parameters' size.
 
-    A non-finite gradient of the term whose turn it is skips the step: momenta, counts and second moment are
-    kept, the delivered direction is zero, and the turn moves on. Data-parallel: the term's gradient is averaged
-    over ranks first, and every rank takes the same term, so the state is identical on every rank.
+    On the contract: the state is declared in ``state_spec`` (momenta, counts, pseudo and second momentum,
+    ``direction_count``, and the counter ``mconfig_turn``, whose host value picks the term,
+    ``gradient_terms``); the pure ``update`` composes ConFIG's weighting of the momenta's Gram matrix
+    (:func:`~paddle_pinn_balance.directions.config_coefficients`) with the one combiner
+    (:func:`~paddle_pinn_balance.contract.combine`, :math:`\hat m_g = c^\top \hat M`), then the second-moment
+    step, and returns the direction; :class:`Surgery` guards the state and delivers it. :math:`\epsilon` is the
+    base's ``eps``.
+
+    A non-finite gradient of the term whose turn it is (its squared norm, the guard's statistic, non-finite) skips
+    the step: momenta, counts and second moment are kept, the delivered direction is zero, and the turn moves on.
+    Data-parallel: the term's gradient is averaged over ranks first, and every rank takes the same term, so the
+    state is identical on every rank.
 
     Args:
         model: the ``paddle.nn.Layer`` (or list of parameters) the losses depend on.
@@ -254,46 +357,39 @@ class MConFIG(_Surgery):
         networks. ICLR 2025 (the M-ConFIG algorithm); tum-pbs/ConFIG ``PseudoMomentumOperator``.
     """
 
+    counter = "mconfig_turn"  # update steps so far: the turn is term `mconfig_turn % K`
+
     def __init__(self, model, beta_1: float = 0.9, beta_2: float = 0.999, eps: float = 1e-8,
                  second_moment: bool = True, rcond: float = 1e-6, update_freq: int = 1,
                  loss_names: Optional[Sequence[str]] = None, check_every: int = 100):
         self.beta_1 = check_float("beta_1", beta_1, 0.0, 1.0, high_open=True)
         self.beta_2 = check_float("beta_2", beta_2, 0.0, 1.0, high_open=True)
-        self.m_eps = check_float("eps", eps, 0.0)
         if not isinstance(second_moment, bool):
             raise ValueError(f"`second_moment` must be true or false; got {second_moment!r}")
         self.second_moment = second_moment
         self.rcond = check_float("rcond", rcond, 0.0, 1.0, low_open=True)
-        self._turn = 0
-        super().__init__(model, update_freq, loss_names, check_every)
+        super().__init__(model, update_freq, loss_names, check_every, eps=eps)
 
-    def _n_params(self) -> int:
-        return sum(int(np.prod(p.shape)) for p in self._params)
+    @property
+    def _turn(self) -> int:
+        """The number of update steps so far (the next turn is term ``_turn % K``)."""
+        return self._count()
 
-    def _create_state(self, k):
-        super()._create_state(k)
-        self._create_momentum_state(k)
-
-    def _create_momentum_state(self, k):
-        n, dtype = self._n_params(), self._params[0].dtype
-        self.register_buffer("momenta", paddle.zeros([k, n], dtype=dtype))
-        self.register_buffer("momentum_counts", paddle.zeros([k], dtype=dtype))
-        self.register_buffer("pseudo_momentum", paddle.zeros([n], dtype=dtype))
-        self.register_buffer("second_momentum", paddle.zeros([n], dtype=dtype))
-        self.register_buffer("direction_count", paddle.zeros([1], dtype=dtype))
-        self.register_buffer("mconfig_turn", paddle.zeros([1], dtype="int64"))
+    def state_spec(self, k):
+        n = sum(int(np.prod(p.shape)) for p in self._params)
+        dtype = str(self._params[0].dtype).split(".")[-1]  # the gradients' dtype
+        return {"momenta": Slot([k, n], 0.0, dtype), "momentum_counts": Slot([k], 0.0, dtype),
+                "pseudo_momentum": Slot([n], 0.0, dtype), "second_momentum": Slot([n], 0.0, dtype),
+                "direction_count": Slot([1], 0.0, dtype), "mconfig_turn": Slot([1], 0, "int64")}
 
     def add_parameters(self, params) -> None:
-        if self._turn:
+        if self._count():
             raise ValueError("MConFIG.add_parameters must be called before the first update step")
         super().add_parameters(params)
         if self._names is not None:  # the state was sized for the model alone
-            self._create_momentum_state(len(self._names))
-
-    def _extra_state_shapes(self, k):
-        n = self._n_params()
-        return {"momenta": [k, n], "momentum_counts": [k], "pseudo_momentum": [n], "second_momentum": [n],
-                "direction_count": [1], "mconfig_turn": [1]}
+            for name in self.state_spec(len(self._names)):
+                del self._buffers[name]
+            self._create_state(len(self._names))
 
     def _check_state(self, arrays, names):
         super()._check_state(arrays, names)
@@ -301,62 +397,53 @@ class MConFIG(_Surgery):
             if np.any(arrays[key] < 0):
                 raise ValueError(f"state_dict[{key!r}] must be >= 0 (a count); got {arrays[key].tolist()}")
 
-    def _after_load(self):
-        super()._after_load()
-        self._turn = int(self.mconfig_turn.numpy()[0])
-
-    def _total(self, values, update):
-        if not update:
-            return weighted_sum(ops.stack(values), self.lambdas)
-        i = self._turn % len(values)
-        self._turn += 1
-        ops.increment_(self.mconfig_turn)
-        g = ops.reshape(self._term_gradients([values[i]]), [-1])  # this turn's term only
-        losses = ops.stack([v.detach() for v in values])
-        with paddle.no_grad():
-            d = self._step(i, g)
-        return assembled_total(losses, self.lambdas, d, self._params)
-
     _nonfinite_effect = "those steps were skipped (momenta kept, direction zero)"
 
-    def _record_turn(self, i: int, g: paddle.Tensor) -> None:
-        """The non-finite / zero bookkeeping of the term whose turn it is (the others count as fine)."""
+    def gradient_terms(self, k, count):
+        return [count % k]  # this turn's term only
+
+    def _row_mask(self, i: int, k: int) -> tuple:
+        """``[k]`` and ``[k, 1]`` bool, true at ``i`` (constants, made once per ``(i, k)``)."""
         masks = self.__dict__.setdefault("_turn_masks", {})
-        k = self.momenta.shape[0]
         mask = masks.get((i, k))
         if mask is None:
-            mask = masks[(i, k)] = paddle.to_tensor(np.arange(k) == i)
-        one = ops.filled(k, 1.0, g)
-        self._record_bad_terms(ops.where(mask, ops.expand(ops.total(g * g), [k]), one))
+            flags = np.arange(k) == i
+            mask = masks[(i, k)] = (paddle.to_tensor(flags), paddle.to_tensor(flags[:, None]))
+        return mask
 
-    def _step(self, i: int, g: paddle.Tensor) -> paddle.Tensor:
-        """Update term ``i``'s momentum with its gradient ``g``; the direction to deliver (device-side)."""
+    def update(self, losses, G, state):
+        """Term ``i``'s momentum takes its gradient ``G`` (``[1, P]``); the direction from every momentum
+        (device-side). The statistic is ``||g||^2`` for term ``i`` and 1 for the others (not read this step)."""
         b1, b2 = self.beta_1, self.beta_2
-        M, counts = self.momenta, self.momentum_counts
-        ok = ops.all_finite(g)
-        self._record_turn(i, g)
-        row = M[i]
-        M[i] = ops.where(ok, b1 * row + (1.0 - b1) * g, row)
-        counts[i] = counts[i] + ops.cast(ok, counts.dtype)
+        M, counts = state["momenta"], state["momentum_counts"]
+        k = M.shape[0]
+        i = state["mconfig_turn"] % k
+        g = ops.reshape(G, [-1])
+        mask, rows = self._row_mask(i, k)
+        stat = ops.where(mask, ops.expand(ops.total(g * g), [k]), ops.filled(k, 1.0, g))
+        ok = ops.all_finite(stat)  # the guard's verdict on the returned slots, as the base forms it
+        M = ops.where(ops.expand(rows, M.shape), ops.expand(ops.reshape(b1 * M[i] + (1.0 - b1) * g, [1, -1]),
+                                                            M.shape), M)  # row i replaced
+        counts = counts + ops.cast(mask, counts.dtype)
         seen = counts > 0
         one = ops.filled(None, 1.0, counts)
         bias = ops.where(seen, one - paddle.pow(ops.filled(None, b1, counts), counts), paddle.ones_like(counts))
         M_hat = M / bias.unsqueeze(1)
-        m_g = paddle.matmul(config_coefficients(_gram(M_hat), rcond=self.rcond), M_hat)
+        m_g = combine(config_coefficients(_gram(M_hat), rcond=self.rcond), M_hat)  # ConFIG of the momenta
         go = ok & paddle.all(seen)
-        t = self.direction_count + ops.cast(go, counts.dtype)  # [1]
-        ops.assign_(t, self.direction_count)
+        t = state["direction_count"] + ops.cast(go, counts.dtype)  # [1]
+        new = {"momenta": M, "momentum_counts": counts, "direction_count": t}
         if not self.second_moment:
-            return ops.where(go, m_g, paddle.zeros_like(m_g))
+            return ops.where(go, m_g, paddle.zeros_like(m_g)), new, stat
         m_t = m_g * (1.0 - paddle.pow(ops.filled(None, b1, counts), t))
-        g_c = (m_t - b1 * self.pseudo_momentum) / (1.0 - b1)
-        v = b2 * self.second_momentum + (1.0 - b2) * g_c * g_c
+        g_c = (m_t - b1 * state["pseudo_momentum"]) / (1.0 - b1)
+        v = b2 * state["second_momentum"] + (1.0 - b2) * g_c * g_c
         v_hat = v / (1.0 - paddle.pow(ops.filled(None, b2, counts), t))
-        d = m_g / (paddle.sqrt(v_hat) + self.m_eps)
-        ops.assign_(ops.where(go, m_t, self.pseudo_momentum), self.pseudo_momentum)
-        ops.assign_(ops.where(go, v, self.second_momentum), self.second_momentum)
-        return ops.where(go, d, paddle.zeros_like(d))
+        d = m_g / (paddle.sqrt(v_hat) + self.eps)
+        new["pseudo_momentum"] = ops.where(go, m_t, state["pseudo_momentum"])
+        new["second_momentum"] = ops.where(go, v, state["second_momentum"])
+        return ops.where(go, d, paddle.zeros_like(d)), new, stat
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, beta_1={self.beta_1}, beta_2={self.beta_2}, eps={self.m_eps}, "
+        return (f"{super().extra_repr()}, beta_1={self.beta_1}, beta_2={self.beta_2}, eps={self.eps}, "
                 f"second_moment={self.second_moment}")
