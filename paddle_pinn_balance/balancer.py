@@ -186,14 +186,20 @@ class Balancer(Checkpointed, paddle.nn.Layer):
         self.register_buffer("scale_min", paddle.full([k], np.inf, dtype=dtype), persistable=False)
         self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype=dtype), persistable=False)
         for name, slot in self._slots(k, creating=True).items():
-            value = np.broadcast_to(np.asarray(slot.init), [int(n) for n in slot.shape]).copy()
+            shape = [int(n) for n in slot.shape]
+            if slot.learned:  # a parameter the user's optimizer trains (uncertainty's log-variances)
+                setattr(self, name, self.create_parameter(shape, dtype=slot.dtype or dtype, default_initializer=(
+                    paddle.nn.initializer.Constant(float(np.asarray(slot.init).reshape(-1)[0]))
+                    if np.ndim(slot.init) == 0 else paddle.nn.initializer.Assign(np.broadcast_to(slot.init, shape)))))
+                continue
+            value = np.broadcast_to(np.asarray(slot.init), shape).copy()
             self.register_buffer(name, paddle.to_tensor(value, dtype=slot.dtype or dtype))
         if self.history:  # per term: how many earlier losses an accepted update has taken (at most `history`)
             self.register_buffer("initialised", paddle.zeros([k], dtype="int64"))
 
     def _slots(self, k: int, creating: bool = False) -> dict:
         """The method's declared state (:meth:`state_spec`), checked: ``{name: Slot}``."""
-        spec = self.state_spec(k) if self.update is not None else {}
+        spec = self.state_spec(k)
         for name, slot in spec.items():
             if not isinstance(slot, Slot):
                 raise TypeError(f"{type(self).__name__}.state_spec: {name!r} must be a Slot; got {slot!r}")
@@ -328,17 +334,14 @@ class Balancer(Checkpointed, paddle.nn.Layer):
             # tests them with the weights); data-parallel: the ranks' mean loss is non-finite when any rank's is,
             # so every rank skips alike
             object.__setattr__(self, "_losses_now", mean_across_ranks(stacked.detach()))
-            if self.update is not None:
-                self._apply_update(self._losses_now, None)
-            else:
-                self._update(values)
+            self._apply_update(self._losses_now, None)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
         G = self._term_gradients(values)
         losses = ops.stack([v.detach() for v in values])
         if self.update is not None:
             extra = self._apply_update(losses, G)
-        else:
+        else:  # gradient surgery, until it composes a combiner: no weights to learn, the work is in `_direction`
             extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
         if not self.assemble:
@@ -360,30 +363,59 @@ class Balancer(Checkpointed, paddle.nn.Layer):
         zero = ops.filled(1, 0.0, losses)
         return assembled_total(losses, w, g, params) + assembled_total(zero, zero, grad, [param])
 
-    def _apply_update(self, losses: paddle.Tensor, G) -> None:
+    def _apply_update(self, losses: paddle.Tensor, G) -> Optional[tuple]:
         """Run the method's pure :meth:`update` and keep its result, or reject all of it: the raw weights go
         through :meth:`_set_weights` (momentum, bounds, guard), and every slot the update returns is kept only
         where the guard accepted the update (``where(ok, new, old)``); the ``initialised`` counters count
-        accepted updates, up to ``history``."""
+        accepted updates, up to ``history``.
+
+        A method whose weights are learned by the optimizer (``learns_weights``: GradNorm) returns their gradient
+        instead of raw weights: nothing is smoothed, bounded or rejected (the optimizer moves the weights), its
+        slots are kept as returned, and ``(weights, gradient)`` goes back to :meth:`_total`, whose total delivers
+        the gradient to the weights."""
         b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
-        weights = b["lambdas"] if "lambdas" in b else self._weight_vector()
+        learned = self.learns_weights
+        weights = self._weight_vector() if learned else b["lambdas"]
         losses = ops.cast(losses, weights.dtype)
+        if G is not None:  # loss-only methods' losses were averaged already (`_losses_now`)
+            losses = mean_across_ranks(losses)
         slots = self.__dict__.get("_slot_meta")  # {name: (shape of the weights?, dtype)}, read once
         if slots is None:
             k = len(self._names)
             slots = self.__dict__["_slot_meta"] = {
-                n: (list(b[n].shape) == [k], b[n].dtype) for n in self.state_spec(k)}
+                n: (list(b[n].shape) == [k], b[n].dtype) for n in self.state_spec(k) if n in b}
         state = {n: b[n] for n in slots}
         h = self._host
         state["weights"] = weights
         state["step"] = h["step"]
-        known = h.get("initialised")  # every term has `history` earlier losses, as the host read it
-        history = self.history
+        known = h.get("initialised")  # every term has its earlier losses, as the host read it
+        history, flags = self.history, self.taken_slot
         if history:
             state["taken"] = None if known else b["initialised"]
+        elif flags is not None:
+            state["taken"] = None if known else b[flags]
         out = self.update(losses, G, state)
         raw, new = out[0], out[1]
-        ok = self._set_weights(raw, out[2] if len(out) > 2 else None)  # one verdict, one entry per term
+        scale = out[2] if len(out) > 2 else None
+        if learned:
+            self._keep_slots(new, slots, None)
+            if scale is not None:
+                self._record_bad_terms(scale)
+            if flags is not None and not known:
+                self._learn_initialised(b[flags])
+            return weights, raw
+        ok = self._set_weights(raw, scale)  # one verdict, one entry per term
+        self._keep_slots(new, slots, ok)
+        if history and not known:
+            taken = b["initialised"]
+            b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, history), taken)
+            self._learn_initialised(b["initialised"] >= history)
+        return None
+
+    def _keep_slots(self, new: dict, slots: dict, ok: Optional[paddle.Tensor]) -> None:
+        """Store the slots an update returned: where the guard's verdict ``ok`` accepted it (``None``: as
+        returned), as new tensors without graph, in the declared dtype."""
+        b = self._buffers
         for n, value in new.items():
             meta = slots.get(n)
             if meta is None:
@@ -394,17 +426,20 @@ class Balancer(Checkpointed, paddle.nn.Layer):
                 continue
             if value.dtype is not meta[1]:
                 value = ops.cast(value, meta[1])
-            cond = ok if meta[0] else ops.expand(ops.reshape(ok[:1], [1] * old.ndim), old.shape)
-            b[n] = ops.where(cond, value if value.stop_gradient else value.detach(), old)  # a new tensor, no graph
-        if history and not known:
-            taken = b["initialised"]
-            b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, history), taken)
-            self._learn_initialised(b["initialised"] >= history)
+            value = value if value.stop_gradient else value.detach()
+            if ok is not None:
+                cond = ok if meta[0] else ops.expand(ops.reshape(ok[:1], [1] * old.ndim), old.shape)
+                value = ops.where(cond, value, old)
+            b[n] = value  # a new tensor, no graph
 
     #: Methods of the contract (:mod:`paddle_pinn_balance.contract`) define these three (``update`` a method,
     #: ``history`` an int, ``state_spec`` a method); ``update = None`` marks the older hooks.
     update = None
     history = 0
+    #: a method that decides per term when its first loss is taken (GradNorm: the first finite, positive one)
+    #: keeps bool flags in a slot of this name: ``state["taken"]`` is that slot (``None`` once all are set, as
+    #: the host learns after an update), without the base's counters (``history`` 0)
+    taken_slot: Optional[str] = None
 
     def state_spec(self, k: int) -> dict:
         """The method's state for ``k`` terms, declared once: ``{name: Slot(shape, init, dtype)}`` (none here)."""
@@ -512,43 +547,26 @@ class Balancer(Checkpointed, paddle.nn.Layer):
     needs_gradients = False
     _params: list = []
 
-    # A method defines one of the two update hooks (checked when its class is created):
-    #
-    # * ``_update_from_gradients(losses, G) -> Optional[(param, grad)]`` (with ``needs_gradients = True``):
-    #   update from this call's losses (one detached vector) and the stacked per-term gradients ``G``
-    #   (``[K, len(flat self._params)]``); may return a
-    #   gradient the total's backward must also deliver to a parameter outside the net, scaled like the rest
-    #   (GradNorm: its weights' own gradient);
-    # * ``_update(values)``: update from statistics of its own (NTK traces) or from the losses alone
-    #   (``self._losses_now``: this call's losses, detached, averaged over the ranks; :meth:`_set_weights` skips
-    #   the update when one is non-finite and returns the per-term flag to guard the method's own state with).
-    #
-    # Both store raw estimates with :meth:`_set_weights`. A method with fixed weights overrides ``_total``.
-    # A class that reads ``G`` (defines ``_update_from_gradients`` or overrides ``_direction``) must declare
-    # ``needs_gradients = True`` in its class body (or inherit it): without it the base never takes ``G`` and
-    # the hooks would silently not run. A method that reads ``G`` in some modes only declares it and sets
-    # ``self.needs_gradients`` per instance (NTKWeighting).
-    _UPDATE_HOOKS = ("_update_from_gradients", "_update")
-
     def __init_subclass__(cls, **kwargs):
-        """Check the method contract when a subclass is created (``TypeError`` naming what is missing)."""
+        """Check the method contract when a subclass is created (``TypeError`` naming what is missing): a method
+        defines ``update`` (:func:`~paddle_pinn_balance.contract.check_contract`), or overrides ``_total`` (a total
+        that is not ``sum_i lambda_i L_i`` with weights from an update: :class:`Sum`'s fixed weights, uncertainty's
+        learned expression). Gradient surgery still defines ``_update_from_gradients`` (returning ``None``) and
+        ``_direction`` until it composes a combiner; a class defining either must declare ``needs_gradients``."""
         super().__init_subclass__(**kwargs)
         if cls.update is not None:
             check_contract(cls, Balancer)
             return
-        if cls._total is Balancer._total and not any(hasattr(cls, h) for h in Balancer._UPDATE_HOOKS):
-            raise TypeError(f"{cls.__name__} must define `_update_from_gradients` (with needs_gradients=True) "
-                            "or `_update`, or override `_total`")
-        reads = [h for h, defined in (("_update_from_gradients", hasattr(cls, "_update_from_gradients")),
+        surgery = hasattr(cls, "_update_from_gradients")
+        if cls._total is Balancer._total and not surgery:
+            raise TypeError(f"{cls.__name__} must define `update(self, losses, G, state)` (the method contract, "
+                            "docs/adding-a-method.md) or, for a total that is not a weighted sum, override `_total`")
+        reads = [h for h, defined in (("_update_from_gradients", surgery),
                                       ("_direction", cls._direction is not Balancer._direction)) if defined]
         if reads and not cls.needs_gradients:
             hooks = ", ".join(f"`{h}`" for h in reads)
             raise TypeError(f"{cls.__name__} reads per-term gradients (it defines {hooks}) but does not declare "
                             "`needs_gradients = True`; add it to the class body")
-        if (cls.needs_gradients and cls._total is Balancer._total
-                and not hasattr(cls, "_update_from_gradients")):
-            raise TypeError(f"{cls.__name__} declares `needs_gradients = True` but defines no "
-                            "`_update_from_gradients(losses, G)`")
 
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> paddle.Tensor:
         """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, any
@@ -643,8 +661,8 @@ class Sum(Balancer):
         if unknown:
             raise ValueError(f"`weights` names {unknown} are not loss names {list(names)}")
 
-    def _create_state(self, k):
-        super()._create_state(k)
+    def _set_names(self, names):
+        super()._set_names(names)
         init = [self._fixed.get(n, 1.0) for n in self._names]
         self.lambdas.set_value(paddle.to_tensor(init, dtype=self.lambdas.dtype))
 

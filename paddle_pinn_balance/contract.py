@@ -58,11 +58,15 @@ REGISTRY: dict = {}
 class Slot(NamedTuple):
     """One piece of a method's state, declared in ``state_spec(k)``: a buffer of ``shape`` (a list of ints;
     the number of terms ``k`` written as an int) filled with ``init``; ``dtype`` ``None`` is the balancer's state
-    dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``)."""
+    dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``, ``"bool"``).
+
+    ``learned=True``: a parameter instead of a buffer, trained by the user's optimizer with the network (build
+    the optimizer from ``balancer.parameters()`` too), never written by an update (uncertainty's ``log_vars``)."""
 
     shape: Sequence[int]
     init: Union[float, int, Sequence] = 0.0
     dtype: Optional[str] = None
+    learned: bool = False
 
 
 def _default_builder(cls) -> Callable:
