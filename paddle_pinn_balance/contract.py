@@ -145,9 +145,25 @@ _LEGACY = ("_update", "_update_from_gradients", "_create_state", "_extra_state_s
 
 
 def check_contract(cls, base) -> None:
-    """Raise ``TypeError`` unless ``cls`` (a subclass of ``base`` that defines ``update``) follows the contract:
-    ``update(self, losses, G, state)``, ``history`` a non-negative int, the state only in ``state_spec``, none of the
-    older hooks (called by ``Balancer.__init_subclass__``)."""
+    """Raise ``TypeError`` unless ``cls`` (a subclass of ``base``, the :class:`~paddle_pinn_balance.balancer.Balancer`)
+    follows the contract (called by ``Balancer.__init_subclass__``): it defines ``update(self, losses, G, state)``,
+    ``history`` a non-negative int, the state only in ``state_spec``, none of the older hooks; or, defining no
+    ``update``, it overrides ``_total`` (a total that is not ``sum_i lambda_i L_i`` of weights from an update:
+    ``Sum``'s fixed weights, uncertainty's learned expression). Gradient surgery still defines
+    ``_update_from_gradients`` (returning ``None``) and ``_direction`` until it composes a combiner; a class defining
+    either must declare ``needs_gradients = True``."""
+    if cls.update is None:
+        surgery = hasattr(cls, "_update_from_gradients")
+        if cls._total is base._total and not surgery:
+            raise TypeError(f"{cls.__name__} must define `update(self, losses, G, state)` (the method contract, "
+                            "docs/adding-a-method.md) or, for a total that is not a weighted sum, override `_total`")
+        reads = [h for h, defined in (("_update_from_gradients", surgery),
+                                      ("_direction", cls._direction is not base._direction)) if defined]
+        if reads and not cls.needs_gradients:
+            hooks = ", ".join(f"`{h}`" for h in reads)
+            raise TypeError(f"{cls.__name__} reads per-term gradients (it defines {hooks}) but does not declare "
+                            "`needs_gradients = True`; add it to the class body")
+        return
     params = list(inspect.signature(cls.update).parameters)
     if params != ["self", "losses", "G", "state"]:
         raise TypeError(f"{cls.__name__}.update must be `update(self, losses, G, state)`; got ({', '.join(params)})")
