@@ -70,7 +70,8 @@ class Checkpointed:
             self.register_buffer("initialised", paddle.zeros([k], dtype="int64"))
 
     def _slots(self, k: int, creating: bool = False) -> dict:
-        """The method's declared state (:meth:`~paddle_pinn_balance.balancer.Balancer.state_spec`), checked: ``{name: Slot}``."""
+        """The method's declared state (:meth:`~paddle_pinn_balance.balancer.Balancer.state_spec`), checked:
+        ``{name: Slot}``."""
         spec = self.state_spec(k)
         for name, slot in spec.items():
             if not isinstance(slot, Slot):

@@ -1,4 +1,4 @@
-"""The method contract: how a balancing method plugs into the core, as code (registry, state slots, helpers).
+r"""The method contract: how a balancing method plugs into the core, as code (registry, state slots, helpers).
 
 A method is one class, in one module, registered with :func:`register`::
 
@@ -35,9 +35,24 @@ slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters 
 warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
 <paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
 
-On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only) and the grad-norm ratio (gradients). LRA, NTK, GradNorm,
-uncertainty and gradient surgery still use the older hooks ``_update_from_gradients`` / ``_update`` /
-``_direction``; ``docs/adding-a-method.md`` shows the contract.
+Three kinds of method use it:
+
+* **weights from an update** (SoftAdapt, ReLoBRaLo, DWA from the losses; LRA, the grad-norm ratio, NTK from
+  ``G`` or, ``mode="trace"``, from its kernels' traces computed inside ``update``): as above;
+* **learned weights** (GradNorm: ``learns_weights = True``, the weights a parameter the optimizer trains): the
+  update returns the weights' *gradient* instead of raw weights (:math:`\partial L_\mathrm{grad}/\partial w`);
+  the update step's total delivers it to the weights beside the network's ``w^T G``; nothing is smoothed, bounded
+  or rejected, the slots are kept as returned; a method that decides per term when a first loss is taken names
+  its bool slot in ``taken_slot`` (``state["taken"]`` is then that slot, ``None`` once all are set);
+* **a fixed total, no update** (``Sum``; uncertainty weighting, whose total
+  :math:`\sum_j \tfrac12 e^{-s_j} L_j + \tfrac12 s_j` is a differentiable expression of a parameter the
+  optimizer trains): the class overrides ``_total`` and declares its state in ``state_spec`` all the same
+  (uncertainty's ``log_vars`` is a ``Slot(..., learned=True)``: a parameter, not a buffer).
+
+Gradient surgery (PCGrad, ConFIG, M-ConFIG, UPGrad) is not on the contract yet: it still defines
+``_update_from_gradients`` (returning ``None``), ``_direction`` and (PCGrad, M-ConFIG) ``_extra_state_shapes`` /
+``_create_state``, which the base keeps supporting for it alone. ``docs/adding-a-method.md`` shows the contract
+with worked examples.
 """
 
 from __future__ import annotations
