@@ -127,8 +127,11 @@ class NTKWeighting(Balancer):
 
     Note:
         * The traces are kept in the ``traces_buf`` buffer (saved in ``state_dict``); ``traces()`` returns
-          the last finite ones. A non-finite (or zero) trace skips the update: every weight is kept (the
-          non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`), with a warning naming the term.
+          those of the last accepted update (a skipped update keeps them, as it keeps the weights: before the
+          method contract a skipped update still stored each finite trace, and ``mode="grad_norm"`` stored finite
+          norms even when the weights were rejected). A non-finite (or zero) trace skips the update: every
+          weight is kept (the non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`), with a
+          warning naming the term.
         * Before the first update every weight is 1, and the weights are applied from the first call
           (PhysicsNeMo multiplies the losses by 0 until its first update). The EMA starts from 1, as jaxpi.
         * On the fast path a kernel is called once; it must be pointwise (entry ``p`` depends on row ``p`` of
@@ -283,7 +286,8 @@ class NTKWeighting(Balancer):
     # ------------------------------------------------------------------ inspection
 
     def traces(self) -> dict:
-        """The last computed statistics as ``{name: float}`` (traces, or gradient norms with ``mode="grad_norm"``)."""
+        """The statistics of the last accepted update as ``{name: float}`` (traces, or gradient norms with
+        ``mode="grad_norm"``)."""
         if self._names is None:
             return {}
         return dict(zip(self._names, self.traces_buf.numpy().astype(np.float64).tolist()))
