@@ -76,7 +76,8 @@ class Slot(NamedTuple):
     dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``, ``"bool"``).
 
     ``learned=True``: a parameter instead of a buffer, trained by the user's optimizer with the network (build
-    the optimizer from ``balancer.parameters()`` too), never written by an update (uncertainty's ``log_vars``)."""
+    the optimizer from ``balancer.parameters()`` too), checkpointed like any slot but neither passed in ``state`` nor
+    written by an update (uncertainty's ``log_vars``, a method with no update)."""
 
     shape: Sequence[int]
     init: Union[float, int, Sequence] = 0.0
