@@ -5,9 +5,10 @@ PaddleScience's ``Solver(loss_aggregator=...)``.
 """
 
 from ._version import __version__ as __version__  # the one version string
-from .balancer import Balancer, BalanceWarning, Sum
+from .balancer import Balancer, BalanceWarning
 from .causal import CausalResidual, build_causal, causal_weights
 from .config import build_balancer, build_loss_layer
+from .fixed import Sum
 from .grad_norm_ratio import GradNormRatio, grad_norm_ratio_weights
 from .gradnorm import GradNorm, GradNormBalancer, gradnorm_weight_gradient
 from .lr_annealing import LRAnnealing, lra_estimates

@@ -1,31 +1,24 @@
-"""Shared core of every balancer: term names, update cadence, smoothing, bounds, guards, state.
+"""Shared core of every balancer: term names, update cadence, smoothing, bounds, guards, gradients.
 
-A balancer maps ``{name: scalar loss}`` and a step to the weighted total
-
-.. math:: L = \\sum_i \\lambda_i L_i .
-
-Methods differ only in how they turn per-term statistics into raw weight estimates
-(``_update_from_gradients``, from the stacked per-term gradients this module takes once, or
-``_update`` for methods with statistics of their own); everything else lives here, written once:
+A balancer maps ``{name: scalar loss}`` and a step to the weighted total :math:`L = \\sum_i \\lambda_i L_i`.
+A method is its pure ``update(losses, G, state)`` and its declared state (:mod:`paddle_pinn_balance.contract`);
+everything else is written here once:
 
 * names are fixed at construction (``loss_names=``) or at the first call and checked on every call;
 * on a call where ``step % update_freq == 0`` and ``step`` is past the last update's step the weights are
-  updated *first*, from this call's losses, so the returned total already uses them; a call that raises
-  changes no state (counters, last update step, weights);
-* smoothing ``lambda <- momentum * lambda + (1 - momentum) * lambda_hat`` (:meth:`_set_weights`),
-  then optional ``[min_weight, max_weight]`` bounds, then a non-finite guard that keeps the previous
-  weights when any new value is NaN or Inf; all on the device, without host synchronisation;
-* every piece of state is a registered buffer (learned weights are parameters), including the term
-  names and the method's class name (as UTF-8 bytes), the counters and the last update's step, so
-  ``state_dict`` / ``set_state_dict`` resume bit-for-bit, and a checkpoint of another method, with other
-  names, another number of terms, non-finite values or values outside their range is refused.
+  updated *first*, from this call's losses (and per-term gradients ``G``, taken once), so the returned total
+  already uses them; a call that raises changes no state (counters, last update step, weights);
+* smoothing ``lambda <- momentum * lambda + (1 - momentum) * lambda_hat`` (:meth:`Balancer._set_weights`), then
+  optional ``[min_weight, max_weight]`` bounds, then a non-finite guard that keeps the previous weights and every
+  slot when any new value is NaN or Inf; all on the device, without host synchronisation;
+* the state (:class:`~paddle_pinn_balance.checkpoint.Checkpointed`) and the warnings
+  (:class:`~paddle_pinn_balance.term_warnings.TermWarnings`) are the two mixins of :class:`Balancer`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -33,8 +26,8 @@ import paddle
 
 from . import ops
 from .checkpoint import Checkpointed, _encode_names
-from .checks import check_choice, check_float, check_int  # noqa: F401  (their home before checks.py)
-from .contract import _RESERVED, Slot, check_contract, register
+from .checks import check_choice, check_float, check_int, check_loss_names, check_losses  # noqa: F401
+from .contract import check_contract
 from .gradients import (
     assembled_total,
     mean_across_ranks,
@@ -43,24 +36,17 @@ from .gradients import (
     trainable_parameters,
     world_size,
 )
+from .term_warnings import BalanceWarning, TermWarnings
 
-__all__ = ["Balancer", "BalanceWarning", "Sum"]
-
-
-class BalanceWarning(RuntimeWarning, UserWarning):
-    """The category of every warning this package gives (skipped updates, slow paths): filter it with
-    ``warnings.simplefilter("ignore", BalanceWarning)``; the test suite turns it into an error (a test that
-    expects one says so with ``pytest.warns``)."""
+__all__ = ["Balancer", "BalanceWarning", "weighted_sum"]
 
 
-_FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
-_FLOAT_IDS = {id(d) for d in _FLOATS}
 
 
 # --------------------------------------------------------------------------- base class
 
 
-class Balancer(Checkpointed, paddle.nn.Layer):
+class Balancer(Checkpointed, TermWarnings, paddle.nn.Layer):
     """Base class: ``balancer(losses, step) -> weighted total`` (the shape of ``ppsci`` aggregators).
 
     Args:
@@ -150,16 +136,7 @@ class Balancer(Checkpointed, paddle.nn.Layer):
         return self._names
 
     def _set_names(self, names) -> None:
-        if isinstance(names, str) or not isinstance(names, Sequence):
-            raise ValueError(f"`loss_names` must be a list of strings; got {names!r}")
-        names = tuple(names)
-        if not names:
-            raise ValueError("`loss_names` must not be empty")
-        for n in names:
-            if not isinstance(n, str) or not n or "\n" in n:
-                raise ValueError(f"loss name {n!r} must be a non-empty string without newlines")
-        if len(set(names)) != len(names):
-            raise ValueError(f"`loss_names` has duplicates: {list(names)}")
+        names = check_loss_names(names)
         self._check_names(names)
         self._names = names
         self.register_buffer("names_utf8", _encode_names(names))
@@ -167,39 +144,6 @@ class Balancer(Checkpointed, paddle.nn.Layer):
 
     def _check_names(self, names: tuple) -> None:
         """Hook: subclasses check the names against what they were built for."""
-
-    def _state_dtype(self) -> str:
-        """The dtype of the weights and the per-term state: float64 when the parameters the method reads are
-        float64 (without parameters: when Paddle's default dtype is), else float32 (a float16 model keeps
-        float32 weights). A checkpoint in the other dtype loads (cast)."""
-        params = self._params
-        if params:
-            return "float64" if any(p.dtype == paddle.float64 for p in params) else "float32"
-        return "float64" if paddle.get_default_dtype() == "float64" else "float32"
-
-    def _create_state(self, k: int) -> None:
-        """Create the per-term state once the number of terms ``k`` is known: the weights, the bookkeeping and
-        (methods of the contract) the declared slots and the ``initialised`` counters."""
-        dtype = self._state_dtype()
-        if not self.learns_weights:
-            self.register_buffer("lambdas", paddle.ones([k], dtype=dtype))
-        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype=dtype), persistable=False)
-        self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype=dtype), persistable=False)
-        for name, slot in self._slots(k, creating=True).items():
-            value = np.broadcast_to(np.asarray(slot.init), [int(n) for n in slot.shape]).copy()
-            self.register_buffer(name, paddle.to_tensor(value, dtype=slot.dtype or dtype))
-        if self.history:  # per term: how many earlier losses an accepted update has taken (at most `history`)
-            self.register_buffer("initialised", paddle.zeros([k], dtype="int64"))
-
-    def _slots(self, k: int, creating: bool = False) -> dict:
-        """The method's declared state (:meth:`state_spec`), checked: ``{name: Slot}``."""
-        spec = self.state_spec(k) if self.update is not None else {}
-        for name, slot in spec.items():
-            if not isinstance(slot, Slot):
-                raise TypeError(f"{type(self).__name__}.state_spec: {name!r} must be a Slot; got {slot!r}")
-            if name in _RESERVED or (creating and (name in self._buffers or name in self._parameters)):
-                raise TypeError(f"{type(self).__name__}.state_spec: the name {name!r} is taken by the base")
-        return spec
 
     def _weight_vector(self) -> paddle.Tensor:
         return self.lambdas
@@ -259,14 +203,6 @@ class Balancer(Checkpointed, paddle.nn.Layer):
             ops.increment_(self.num_updates)
         return total
 
-    def _steps_went_backwards(self, step: int, last: int) -> None:
-        if self._host.get("warned_backwards"):
-            return
-        self._host["warned_backwards"] = True
-        warnings.warn(f"{type(self).__name__}: steps went backwards (step {step} after an update at step {last}): "
-                      f"no update until a step past {last}; call `restart_steps()` when a new stage counts from 0",
-                      BalanceWarning, stacklevel=3)
-
     def restart_steps(self) -> None:
         """Forget the last update's step (weights, counters and every other state kept): for a second training
         stage whose loop counts its steps from 0 again (PaddleScience's second ``Solver``: Adam, then L-BFGS on
@@ -276,41 +212,11 @@ class Balancer(Checkpointed, paddle.nn.Layer):
         self._host.pop("warned_backwards", None)
 
     def _validate(self, losses) -> list:
-        if not isinstance(losses, Mapping):
-            raise ValueError(f"losses must be a mapping of name to scalar Tensor; got {type(losses).__name__}")
-        if not losses:
-            raise ValueError("losses must not be empty")
-        if self._names is None:
+        """This call's losses as a list of 0-d tensors in the names' order (:func:`~paddle_pinn_balance.checks.
+        check_losses`); the first call fixes the names; terms of mixed floating dtypes are cast to the state's."""
+        if self._names is None and isinstance(losses, Mapping) and losses:
             self._set_names(list(losses.keys()))
-        names = self._names
-        if len(losses) != len(names) or any(n not in losses for n in names):
-            missing = [n for n in names if n not in losses]
-            extra = [n for n in losses if n not in names]
-            raise ValueError(
-                f"loss names changed: missing {missing}, unexpected {extra}; expected {list(names)}"
-            )
-        values = []
-        first = None
-        mixed = False
-        for n in names:
-            v = losses[n]
-            if not isinstance(v, paddle.Tensor):
-                raise ValueError(f"loss {n!r} must be a paddle.Tensor; got {type(v).__name__}")
-            dtype = v.dtype
-            if dtype is not first and (first is None or dtype != first):  # `is`: dtypes are singletons, 10x faster
-                if id(dtype) not in _FLOAT_IDS and dtype not in _FLOATS:
-                    raise ValueError(f"loss {n!r} must be a floating-point tensor; got dtype {dtype} (a loss of an "
-                                     "integer or bool dtype has no gradient)")
-                if first is None:
-                    first = dtype
-                else:
-                    mixed = True
-            shape = v.shape
-            if shape:
-                if int(np.prod(shape)) != 1:
-                    raise ValueError(f"loss {n!r} must be a scalar; got shape {list(shape)}")
-                v = ops.reshape(v, [])
-            values.append(v)
+        values, mixed = check_losses(losses, self._names)
         if mixed:  # e.g. one float64 term among float32 ones: all in the state's dtype (differentiable casts)
             dtype = self._state_dtype()
             values = [v if v.dtype == getattr(paddle, dtype) else ops.cast(v, dtype) for v in values]
@@ -328,17 +234,14 @@ class Balancer(Checkpointed, paddle.nn.Layer):
             # tests them with the weights); data-parallel: the ranks' mean loss is non-finite when any rank's is,
             # so every rank skips alike
             object.__setattr__(self, "_losses_now", mean_across_ranks(stacked.detach()))
-            if self.update is not None:
-                self._apply_update(self._losses_now, None)
-            else:
-                self._update(values)
+            self._apply_update(self._losses_now, None)
             return weighted_sum(stacked, self._weight_vector())
         params = self._params
         G = self._term_gradients(values)
         losses = ops.stack([v.detach() for v in values])
         if self.update is not None:
             extra = self._apply_update(losses, G)
-        else:
+        else:  # gradient surgery, until it composes a combiner: no weights to learn, the work is in `_direction`
             extra = self._update_from_gradients(losses, G)
         w = self._weight_vector()
         if not self.assemble:
@@ -360,51 +263,63 @@ class Balancer(Checkpointed, paddle.nn.Layer):
         zero = ops.filled(1, 0.0, losses)
         return assembled_total(losses, w, g, params) + assembled_total(zero, zero, grad, [param])
 
-    def _apply_update(self, losses: paddle.Tensor, G) -> None:
+    def _apply_update(self, losses: paddle.Tensor, G) -> Optional[tuple]:
         """Run the method's pure :meth:`update` and keep its result, or reject all of it: the raw weights go
         through :meth:`_set_weights` (momentum, bounds, guard), and every slot the update returns is kept only
         where the guard accepted the update (``where(ok, new, old)``); the ``initialised`` counters count
-        accepted updates, up to ``history``."""
+        accepted updates, up to ``history``.
+
+        A method whose weights are learned by the optimizer (``learns_weights``: GradNorm) returns their gradient
+        instead of raw weights: nothing is smoothed, bounded or rejected (the optimizer moves the weights), its
+        slots are kept as returned, and ``(weights, gradient)`` goes back to :meth:`_total`, whose total delivers
+        the gradient to the weights."""
         b = self._buffers  # plain dict: `Layer.__getattr__` / `__setattr__` cost microseconds a buffer
-        weights = b["lambdas"] if "lambdas" in b else self._weight_vector()
+        learned = self.learns_weights
+        weights = self._weight_vector() if learned else b["lambdas"]
         losses = ops.cast(losses, weights.dtype)
+        if G is not None:  # loss-only methods' losses were averaged already (`_losses_now`)
+            losses = mean_across_ranks(losses)
         slots = self.__dict__.get("_slot_meta")  # {name: (shape of the weights?, dtype)}, read once
         if slots is None:
             k = len(self._names)
             slots = self.__dict__["_slot_meta"] = {
-                n: (list(b[n].shape) == [k], b[n].dtype) for n in self.state_spec(k)}
+                n: (list(b[n].shape) == [k], b[n].dtype) for n in self.state_spec(k) if n in b}
         state = {n: b[n] for n in slots}
         h = self._host
         state["weights"] = weights
         state["step"] = h["step"]
-        known = h.get("initialised")  # every term has `history` earlier losses, as the host read it
-        history = self.history
+        known = h.get("initialised")  # every term has its earlier losses, as the host read it
+        history, flags = self.history, self.taken_slot
         if history:
             state["taken"] = None if known else b["initialised"]
+        elif flags is not None:
+            state["taken"] = None if known else b[flags]
         out = self.update(losses, G, state)
         raw, new = out[0], out[1]
-        ok = self._set_weights(raw, out[2] if len(out) > 2 else None)  # one verdict, one entry per term
-        for n, value in new.items():
-            meta = slots.get(n)
-            if meta is None:
-                raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
-                               f"({sorted(slots)})")
-            old = b[n]
-            if value is old:
-                continue
-            if value.dtype is not meta[1]:
-                value = ops.cast(value, meta[1])
-            cond = ok if meta[0] else ops.expand(ops.reshape(ok[:1], [1] * old.ndim), old.shape)
-            b[n] = ops.where(cond, value if value.stop_gradient else value.detach(), old)  # a new tensor, no graph
+        scale = out[2] if len(out) > 2 else None
+        if learned:
+            self._keep_slots(new, slots, None)
+            if scale is not None:
+                self._record_bad_terms(scale)
+            if flags is not None and not known:
+                self._learn_initialised(b[flags])
+            return weights, raw
+        ok = self._set_weights(raw, scale)  # one verdict, one entry per term
+        self._keep_slots(new, slots, ok)
         if history and not known:
             taken = b["initialised"]
             b["initialised"] = ops.where(ok, paddle.clip(taken + 1, 0, history), taken)
             self._learn_initialised(b["initialised"] >= history)
+        return None
 
-    #: Methods of the contract (:mod:`paddle_pinn_balance.contract`) define these three (``update`` a method,
-    #: ``history`` an int, ``state_spec`` a method); ``update = None`` marks the older hooks.
+    #: Methods of the contract (:mod:`paddle_pinn_balance.contract`) define ``update``, ``history``, ``state_spec``;
+    #: ``update = None``: a fixed total (``_total`` overridden: Sum, uncertainty) or, until converted, surgery.
     update = None
     history = 0
+    #: a method that decides per term when its first loss is taken (GradNorm: the first finite, positive one)
+    #: keeps bool flags in a slot of this name: ``state["taken"]`` is that slot (``None`` once all are set, as
+    #: the host learns after an update), without the base's counters (``history`` 0)
+    taken_slot: Optional[str] = None
 
     def state_spec(self, k: int) -> dict:
         """The method's state for ``k`` terms, declared once: ``{name: Slot(shape, init, dtype)}`` (none here)."""
@@ -456,99 +371,15 @@ class Balancer(Checkpointed, paddle.nn.Layer):
         n = self.__dict__.get("_n_model")
         return G if n is None else ops.leading_columns(G, n)
 
-    def _record_bad_terms(self, scale: paddle.Tensor, zeros: bool = True) -> None:
-        """Track, on the device, the per-term gradient statistic ``scale`` (non-finite exactly when the
-        term's gradient is, 0 exactly when it is zero): its running minimum (zero seen?) and a running sum
-        of ``scale - scale`` (0, or NaN once a non-finite value was seen: IEEE addition keeps NaN, where
-        Paddle's ``minimum`` / ``maximum`` drop a NaN in one argument in some versions). Every
-        ``check_every`` updates they are read (one synchronisation) and a warning names the terms whose
-        gradient was non-finite or zero since the last check (their weights were kept).
-
-        ``zeros=False``: only the non-finite count (``scale`` the detached losses of a method without gradients:
-        a loss of 0 is no fault)."""
-        b = self._buffers
-        low, bad = b["scale_min"], b["scale_nonfinite"]
-        if zeros:
-            scale = ops.cast(scale.detach(), low.dtype)
-            b["scale_min"] = ops.minimum(low, scale)
-            ops.add_(bad, scale - scale)
-        else:  # `scale` detached already (the losses): 0 * x is 0, or NaN where x is non-finite
-            ops.add_(bad, ops.scale(ops.cast(scale, bad.dtype), 0.0))
-        self._host["since_check"] += 1
-        if self.check_every and self._host["since_check"] >= self.check_every:
-            self.check_terms()
-
-    #: what the warning of :meth:`check_terms` says happened at an update with a non-finite value
-    _nonfinite_effect = "those updates were skipped and the previous weights kept"
-
-    def check_terms(self) -> dict:
-        """Warn about terms whose gradient (methods without gradients: loss) was non-finite, or whose gradient
-        was zero, at some update since the last check; returns ``{name: (non-finite, zero)}`` flags and
-        resets them (synchronises)."""
-        self._host["since_check"] = 0
-        if self._names is None or not hasattr(self, "scale_min"):
-            return {}
-        low, bad = self.scale_min.numpy().copy(), self.scale_nonfinite.numpy().copy()  # numpy() may share memory
-        self.scale_min.set_value(paddle.full_like(self.scale_min, np.inf))
-        self.scale_nonfinite.set_value(paddle.zeros_like(self.scale_nonfinite))
-        out = {n: (bool(np.isnan(lo) or not np.isfinite(b)), bool(lo == 0.0))
-               for n, lo, b in zip(self._names, low, bad)}
-        nonfinite = [n for n, c in out.items() if c[0]]
-        zero = [n for n, c in out.items() if c[1]]
-        if nonfinite:
-            what = "gradient" if self.needs_gradients else "loss"
-            warnings.warn(f"{type(self).__name__}: non-finite {what} for term(s) {nonfinite} in the last "
-                          f"{self.check_every or 'few'} update(s); {self._nonfinite_effect}",
-                          BalanceWarning, stacklevel=3)
-        if zero:
-            self._warn_zero_gradient(zero)
-        return out
-
-    def _warn_zero_gradient(self, zero: list) -> None:
-        warnings.warn(f"{type(self).__name__}: term(s) {zero} have an identically zero gradient (not "
-                      "connected to the parameters?); their weights were kept", BalanceWarning, stacklevel=4)
-
     #: Methods whose statistics read per-term parameter gradients set this, and `_params`.
     needs_gradients = False
     _params: list = []
 
-    # A method defines one of the two update hooks (checked when its class is created):
-    #
-    # * ``_update_from_gradients(losses, G) -> Optional[(param, grad)]`` (with ``needs_gradients = True``):
-    #   update from this call's losses (one detached vector) and the stacked per-term gradients ``G``
-    #   (``[K, len(flat self._params)]``); may return a
-    #   gradient the total's backward must also deliver to a parameter outside the net, scaled like the rest
-    #   (GradNorm: its weights' own gradient);
-    # * ``_update(values)``: update from statistics of its own (NTK traces) or from the losses alone
-    #   (``self._losses_now``: this call's losses, detached, averaged over the ranks; :meth:`_set_weights` skips
-    #   the update when one is non-finite and returns the per-term flag to guard the method's own state with).
-    #
-    # Both store raw estimates with :meth:`_set_weights`. A method with fixed weights overrides ``_total``.
-    # A class that reads ``G`` (defines ``_update_from_gradients`` or overrides ``_direction``) must declare
-    # ``needs_gradients = True`` in its class body (or inherit it): without it the base never takes ``G`` and
-    # the hooks would silently not run. A method that reads ``G`` in some modes only declares it and sets
-    # ``self.needs_gradients`` per instance (NTKWeighting).
-    _UPDATE_HOOKS = ("_update_from_gradients", "_update")
-
     def __init_subclass__(cls, **kwargs):
-        """Check the method contract when a subclass is created (``TypeError`` naming what is missing)."""
+        """Check the method contract when a subclass is created (:func:`~paddle_pinn_balance.contract.
+        check_contract`: ``TypeError`` naming what is missing)."""
         super().__init_subclass__(**kwargs)
-        if cls.update is not None:
-            check_contract(cls, Balancer)
-            return
-        if cls._total is Balancer._total and not any(hasattr(cls, h) for h in Balancer._UPDATE_HOOKS):
-            raise TypeError(f"{cls.__name__} must define `_update_from_gradients` (with needs_gradients=True) "
-                            "or `_update`, or override `_total`")
-        reads = [h for h, defined in (("_update_from_gradients", hasattr(cls, "_update_from_gradients")),
-                                      ("_direction", cls._direction is not Balancer._direction)) if defined]
-        if reads and not cls.needs_gradients:
-            hooks = ", ".join(f"`{h}`" for h in reads)
-            raise TypeError(f"{cls.__name__} reads per-term gradients (it defines {hooks}) but does not declare "
-                            "`needs_gradients = True`; add it to the class body")
-        if (cls.needs_gradients and cls._total is Balancer._total
-                and not hasattr(cls, "_update_from_gradients")):
-            raise TypeError(f"{cls.__name__} declares `needs_gradients = True` but defines no "
-                            "`_update_from_gradients(losses, G)`")
+        check_contract(cls, Balancer)
 
     def _set_weights(self, raw: paddle.Tensor, scale: Optional[paddle.Tensor] = None) -> paddle.Tensor:
         """``lambda <- m lambda + (1 - m) lambda_hat``, then bounds; skipped whole if any new value, any
@@ -614,39 +445,3 @@ def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tenso
     (``paddle.grad(..., create_graph=True)``, a gradient penalty), and in Paddle 3.3 ``dot`` has no second
     derivative and a 0-d ``matmul`` result added to anything fails in the add's second derivative."""
     return ops.total(ops.multiply(stacked, ops.cast(weights.detach(), stacked.dtype)))
-
-
-@register("sum", build=lambda model, **kw: Sum(**kw))
-class Sum(Balancer):
-    """Fixed weights: ``L = sum_i lambda_i L_i`` (plain PINN training; ``lambda_i = 1`` by default).
-
-    Args:
-        loss_names: term names (or taken from the first call).
-        weights: optional ``{name: weight}``; names not given keep weight 1.
-
-    Example:
-        >>> import paddle
-        >>> from paddle_pinn_balance import Sum
-        >>> agg = Sum(weights={"bc": 10.0})
-        >>> float(agg({"res": paddle.to_tensor(1.0), "bc": paddle.to_tensor(2.0)}))
-        21.0
-    """
-
-    def __init__(self, loss_names: Optional[Sequence[str]] = None, weights: Optional[Mapping[str, float]] = None):
-        if weights is not None and not isinstance(weights, Mapping):
-            raise ValueError(f"`weights` must be a mapping of loss name to number; got {weights!r}")
-        self._fixed = {k: check_float(f"weights[{k!r}]", v, 0.0) for k, v in (weights or {}).items()}
-        super().__init__(loss_names=loss_names, update_freq=1)
-
-    def _check_names(self, names):
-        unknown = sorted(set(self._fixed) - set(names))
-        if unknown:
-            raise ValueError(f"`weights` names {unknown} are not loss names {list(names)}")
-
-    def _create_state(self, k):
-        super()._create_state(k)
-        init = [self._fixed.get(n, 1.0) for n in self._names]
-        self.lambdas.set_value(paddle.to_tensor(init, dtype=self.lambdas.dtype))
-
-    def _total(self, values, update):
-        return weighted_sum(ops.stack(values), self.lambdas)

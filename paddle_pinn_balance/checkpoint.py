@@ -1,4 +1,5 @@
-"""Checkpoints of a balancer: its ``state_dict`` validated before anything is loaded (:class:`Checkpointed`).
+"""A balancer's state: created from the method's declared slots, and its ``state_dict`` validated before anything
+is loaded (:class:`Checkpointed`).
 
 A checkpoint of another method, with other names, another number of terms, other shapes, non-finite values or
 values outside their range is refused and nothing changes; a checkpoint of an older version without
@@ -11,6 +12,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import paddle
+
+from . import ops
+from .contract import _RESERVED, Slot
 
 __all__ = ["Checkpointed"]
 
@@ -31,9 +35,50 @@ def _check_at_least(arrays: dict, key: str, minimum: int) -> None:
 
 
 class Checkpointed:
-    """The checkpoint half of :class:`~paddle_pinn_balance.balancer.Balancer` (a mixin before ``paddle.nn.Layer``):
-    ``set_state_dict`` validates, ``state_dict`` writes the host's last update step first, a load restores the
-    host-side mirrors (calls, last update step, the ``initialised`` counters)."""
+    """The state half of :class:`~paddle_pinn_balance.balancer.Balancer` (a mixin before ``paddle.nn.Layer``): the
+    per-term state created from the method's declaration (:meth:`_create_state`, once the number of terms is
+    known), ``set_state_dict`` validates, ``state_dict`` writes the host's last update step first, a load restores
+    the host-side mirrors (calls, last update step, the ``initialised`` counters)."""
+
+    def _state_dtype(self) -> str:
+        """The dtype of the weights and the per-term state: float64 when the parameters the method reads are
+        float64 (without parameters: when Paddle's default dtype is), else float32 (a float16 model keeps
+        float32 weights). A checkpoint in the other dtype loads (cast)."""
+        params = self._params
+        if params:
+            return "float64" if any(p.dtype == paddle.float64 for p in params) else "float32"
+        return "float64" if paddle.get_default_dtype() == "float64" else "float32"
+
+    def _create_state(self, k: int) -> None:
+        """Create the per-term state once the number of terms ``k`` is known: the weights, the bookkeeping and
+        (methods of the contract) the declared slots and the ``initialised`` counters."""
+        dtype = self._state_dtype()
+        if not self.learns_weights:
+            self.register_buffer("lambdas", paddle.ones([k], dtype=dtype))
+        self.register_buffer("scale_min", paddle.full([k], np.inf, dtype=dtype), persistable=False)
+        self.register_buffer("scale_nonfinite", paddle.zeros([k], dtype=dtype), persistable=False)
+        for name, slot in self._slots(k, creating=True).items():
+            shape = [int(n) for n in slot.shape]
+            if slot.learned:  # a parameter the user's optimizer trains (uncertainty's log-variances)
+                setattr(self, name, self.create_parameter(shape, dtype=slot.dtype or dtype, default_initializer=(
+                    paddle.nn.initializer.Constant(float(np.asarray(slot.init).reshape(-1)[0]))
+                    if np.ndim(slot.init) == 0 else paddle.nn.initializer.Assign(np.broadcast_to(slot.init, shape)))))
+                continue
+            value = np.broadcast_to(np.asarray(slot.init), shape).copy()
+            self.register_buffer(name, paddle.to_tensor(value, dtype=slot.dtype or dtype))
+        if self.history:  # per term: how many earlier losses an accepted update has taken (at most `history`)
+            self.register_buffer("initialised", paddle.zeros([k], dtype="int64"))
+
+    def _slots(self, k: int, creating: bool = False) -> dict:
+        """The method's declared state (:meth:`~paddle_pinn_balance.balancer.Balancer.state_spec`), checked:
+        ``{name: Slot}``."""
+        spec = self.state_spec(k)
+        for name, slot in spec.items():
+            if not isinstance(slot, Slot):
+                raise TypeError(f"{type(self).__name__}.state_spec: {name!r} must be a Slot; got {slot!r}")
+            if name in _RESERVED or (creating and (name in self._buffers or name in self._parameters)):
+                raise TypeError(f"{type(self).__name__}.state_spec: the name {name!r} is taken by the base")
+        return spec
 
     def _state_dict_impl(self, *args, **kwargs):
         """Paddle's state-dict builder (``state_dict()``, and a parent layer's for its sublayers): the host's
@@ -89,6 +134,26 @@ class Checkpointed:
         result = super().set_state_dict(state, use_structured_name=use_structured_name)
         self._after_load()
         return result
+
+    def _keep_slots(self, new: dict, slots: dict, ok: Optional[paddle.Tensor]) -> None:
+        """Store the slots an update returned: where the guard's verdict ``ok`` accepted it (``None``: as
+        returned), as new tensors without graph, in the declared dtype."""
+        b = self._buffers
+        for n, value in new.items():
+            meta = slots.get(n)
+            if meta is None:
+                raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
+                               f"({sorted(slots)})")
+            old = b[n]
+            if value is old:
+                continue
+            if value.dtype is not meta[1]:
+                value = ops.cast(value, meta[1])
+            value = value if value.stop_gradient else value.detach()
+            if ok is not None:
+                cond = ok if meta[0] else ops.expand(ops.reshape(ok[:1], [1] * old.ndim), old.shape)
+                value = ops.where(cond, value, old)
+            b[n] = value  # a new tensor, no graph
 
     def _check_state(self, arrays: dict, names: tuple) -> None:
         """Raise ``ValueError`` naming the key if a value of a checkpoint (``arrays``, for terms ``names``) is

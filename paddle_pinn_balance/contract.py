@@ -1,4 +1,4 @@
-"""The method contract: how a balancing method plugs into the core, as code (registry, state slots, helpers).
+r"""The method contract: how a balancing method plugs into the core, as code (registry, state slots, helpers).
 
 A method is one class, in one module, registered with :func:`register`::
 
@@ -35,6 +35,21 @@ slot* keep their old values, ``where(ok, new, old)``), the ``"taken"`` counters 
 warnings, the update cadence and the data-parallel averaging. :meth:`Balancer.__init_subclass__
 <paddle_pinn_balance.balancer.Balancer.__init_subclass__>` checks the contract when the class is created.
 
+Four kinds of method use it:
+
+* **weights from an update** (SoftAdapt, ReLoBRaLo, DWA from the losses; LRA, the grad-norm ratio, NTK from
+  ``G`` or, ``mode="trace"``, from its kernels' traces computed inside ``update``): as above;
+* **learned weights** (GradNorm: ``learns_weights = True``, the weights a parameter the optimizer trains): the
+  update returns the weights' *gradient* instead of raw weights (:math:`\partial L_\mathrm{grad}/\partial w`);
+  the update step's total delivers it to the weights beside the network's ``w^T G``; nothing is smoothed, bounded
+  or rejected, the slots are kept as returned; a method that decides per term when a first loss is taken names
+  its bool slot in ``taken_slot`` (``state["taken"]`` is then that slot, ``None`` once all are set);
+* **a fixed total, no update** (``Sum``; uncertainty weighting, whose total
+  :math:`\sum_j \tfrac12 e^{-s_j} L_j + \tfrac12 s_j` is a differentiable expression of a parameter the
+  optimizer trains): the class overrides ``_total`` and declares its state in ``state_spec`` all the same
+  (uncertainty's ``log_vars`` is a ``Slot(..., learned=True)``: a parameter, not a buffer);
+* **a direction** (gradient surgery): below.
+
 Direction methods (gradient surgery: PCGrad, ConFIG, M-ConFIG, UPGrad) deliver a direction instead of
 weights, composed as TorchJD composes an aggregator: a *weighting* maps the per-term gradients' Gram matrix
 ``G G^T`` to coefficients ``c``, and one *combiner*, :func:`combine`, forms ``c^T G`` (a weighting method's
@@ -48,9 +63,7 @@ M-ConFIG's turn) and delivers the direction through the update step's total. :fu
 class creation, a direction method that overrides the machinery, reads no gradients, defines neither
 ``weighting`` nor ``update``, or has a malformed signature.
 
-On the contract: SoftAdapt, ReLoBRaLo, DWA (loss-only), the grad-norm ratio (gradients) and gradient surgery
-(directions). LRA, NTK, GradNorm and uncertainty still use the older hooks ``_update_from_gradients`` /
-``_update``; ``docs/adding-a-method.md`` shows the contract.
+Every method is on the contract; ``docs/adding-a-method.md`` shows it with worked examples.
 """
 
 from __future__ import annotations
@@ -71,11 +84,16 @@ REGISTRY: dict = {}
 class Slot(NamedTuple):
     """One piece of a method's state, declared in ``state_spec(k)``: a buffer of ``shape`` (a list of ints;
     the number of terms ``k`` written as an int) filled with ``init``; ``dtype`` ``None`` is the balancer's state
-    dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``)."""
+    dtype (float32, or float64 for a float64 model), else a Paddle dtype name (``"int64"``, ``"bool"``).
+
+    ``learned=True``: a parameter instead of a buffer, trained by the user's optimizer with the network (build
+    the optimizer from ``balancer.parameters()`` too), checkpointed like any slot but neither passed in ``state`` nor
+    written by an update (uncertainty's ``log_vars``, a method with no update)."""
 
     shape: Sequence[int]
     init: Union[float, int, Sequence] = 0.0
     dtype: Optional[str] = None
+    learned: bool = False
 
 
 def _default_builder(cls) -> Callable:
@@ -174,13 +192,24 @@ _DIRECTION_MACHINERY = ("_apply_update", "_direction", "_term_gradients", "_tota
 
 
 def check_contract(cls, base) -> None:
-    """Raise ``TypeError`` unless ``cls`` (a subclass of ``base`` that defines ``update``) follows the contract:
-    ``update(self, losses, G, state)``, ``history`` a non-negative int, the state only in ``state_spec``, none of the
-    older hooks (called by ``Balancer.__init_subclass__``).
+    """Raise ``TypeError`` unless ``cls`` (a subclass of ``base``, the :class:`~paddle_pinn_balance.balancer.Balancer`)
+    follows the contract (called by ``Balancer.__init_subclass__``): it defines ``update(self, losses, G, state)``,
+    ``history`` a non-negative int, the state only in ``state_spec``, none of the older hooks; or, defining no
+    ``update``, it overrides ``_total`` (a total that is not ``sum_i lambda_i L_i`` of weights from an update:
+    ``Sum``'s fixed weights, uncertainty's learned expression).
 
     A direction method (a subclass of the machinery class, :class:`~paddle_pinn_balance.surgery.Surgery`) also:
     reads gradients (``needs_gradients``), defines ``weighting(self, gram, state)`` or its own ``update``,
     declares ``counter`` as ``None`` or the name of one of its slots, and leaves the machinery's methods alone."""
+    if cls.update is None:
+        if cls._total is base._total:
+            raise TypeError(f"{cls.__name__} must define `update(self, losses, G, state)` (the method contract, "
+                            "docs/adding-a-method.md) or, for a total that is not a weighted sum, override `_total`")
+        legacy = [h for h in _LEGACY if h != "_total" and getattr(cls, h, None) is not getattr(base, h, None)]
+        if legacy:
+            raise TypeError(f"{cls.__name__} defines the older hook(s) {legacy}: declare the state in `state_spec` "
+                            "and do the update in `update` (docs/adding-a-method.md)")
+        return
     root = _machinery(cls, base)
     params = list(inspect.signature(cls.update).parameters)
     if params != ["self", "losses", "G", "state"]:

@@ -9,7 +9,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float, check_int
-from .contract import register
+from .contract import Slot, register
 from .gradients import (
     flat_grad,
     mean_across_ranks,
@@ -159,8 +159,7 @@ class GradNormBalancer(Balancer):
         self.loss_weights = self.create_parameter(
             [self.n_loss], dtype=dtype, attr=_weight_attr(weight_attr, self.n_loss, dtype)
         )
-        self.register_buffer("initial_losses", paddle.ones([self.n_loss], dtype=dtype))
-        self.register_buffer("has_initial_losses", paddle.zeros([self.n_loss], dtype="bool"))
+        self._dtype = dtype  # of the weights and the slots (state_spec)
         self._renormalised_tol = 4.0 * self.n_loss ** 2 * float(np.finfo(dtype).eps)  # |sum(w) - T|: rounding only
         self._last_difference = None  # G_i - target_i of the last update: L_grad, for logging, when read
         self._host["renormalise"] = True  # the weights may have changed since the last renormalisation
@@ -173,14 +172,15 @@ class GradNormBalancer(Balancer):
         if len(names) != self.n_loss:
             raise ValueError(f"GradNorm was built for n_loss={self.n_loss} terms; got {len(names)}: {list(names)}")
 
-    def _create_state(self, k):
-        super()._create_state(k)  # the learned weights and the initial losses were created in __init__
+    #: L_i(0) is taken per term, at its first finite, positive loss: the flags are the slot `has_initial_losses`
+    taken_slot = "has_initial_losses"
+
+    def state_spec(self, k):
+        # the learned weights are a parameter made in __init__ (the optimizer is built before the first call)
+        return {"initial_losses": Slot([k], 1.0, self._dtype), "has_initial_losses": Slot([k], False, "bool")}
 
     def _weight_vector(self):
         return self.loss_weights
-
-    def _extra_state_shapes(self, k):
-        return {"initial_losses": [k], "has_initial_losses": [k]}
 
     def _after_load(self):
         super()._after_load()
@@ -196,6 +196,8 @@ class GradNormBalancer(Balancer):
 
     def reset_initial_losses(self) -> None:
         """Take :math:`L_i(0)` again at the next call."""
+        if self._names is None:
+            return  # no state yet: nothing taken
         self.has_initial_losses.set_value(paddle.zeros([self.n_loss], dtype="bool"))
         self._host["initialised"] = False
         self._host["unknown_updates"] = 0
@@ -232,9 +234,9 @@ class GradNormBalancer(Balancer):
         """:math:`L_i(0)`: the first finite, positive loss of each term (on the device, no sync): a term
         whose first loss is NaN, Inf or 0 is taken at a later update, and its ratio is 1 until then.
         ``current``: this call's losses (:meth:`_current_losses`)."""
-        take = ~self.has_initial_losses & ops.isfinite(current) & (current > 0)
-        ops.assign_(ops.where(take, current, self.initial_losses), self.initial_losses)
-        ops.assign_(self.has_initial_losses | take, self.has_initial_losses)
+        init, has = _take_initial(current, self.initial_losses, self.has_initial_losses)
+        ops.assign_(init, self.initial_losses)
+        ops.assign_(has, self.has_initial_losses)
 
     def _current_losses(self, losses: paddle.Tensor) -> paddle.Tensor:
         """This call's losses (one detached vector) in the weights' dtype, averaged over ranks."""
@@ -266,12 +268,15 @@ class GradNormBalancer(Balancer):
         grad = self._weight_gradient(self._current_losses(ops.stack([v.detach() for v in values])), norms)
         return self.last_grad_norm_loss, grad
 
-    def _weight_gradient(self, current, norms) -> paddle.Tensor:
-        """The gradient of :func:`gradnorm_weight_gradient` with this balancer's weights and :math:`L_i(0)`;
-        keeps what :attr:`last_grad_norm_loss` reads."""
-        has_initial = None if self._host.get("initialised") else self.has_initial_losses
-        diff, grad = _gradnorm_difference(norms, current, self.initial_losses, self.loss_weights, self.alpha,
-                                          self.eps, has_initial)
+    def _weight_gradient(self, current, norms, initial=None, has_initial=None) -> paddle.Tensor:
+        """The gradient of :func:`gradnorm_weight_gradient` with this balancer's weights and :math:`L_i(0)`
+        (``initial``, ``has_initial``: given by :meth:`update`; ``has_initial`` ``None`` there means all taken);
+        keeps what :attr:`last_grad_norm_loss` reads (a logging value, not state)."""
+        if initial is None:
+            initial = self.initial_losses
+            has_initial = None if self._host.get("initialised") else self.has_initial_losses
+        diff, grad = _gradnorm_difference(norms, current, initial, self.loss_weights, self.alpha, self.eps,
+                                          has_initial)
         object.__setattr__(self, "_last_difference", diff)
         return grad
 
@@ -286,17 +291,19 @@ class GradNormBalancer(Balancer):
 
     needs_gradients = True
 
-    def _update_from_gradients(self, losses, G):
-        current = self._current_losses(losses)
-        known = self._host.get("initialised")
-        if not known:
-            self._capture_initial(current)
+    def update(self, losses, G, state):
+        r"""The contract's update of a learned-weight method: returns :math:`\partial L_\mathrm{grad}/\partial w`
+        (the update step's total delivers it to ``loss_weights``, nothing into the net), the captured
+        :math:`L_i(0)` and the norms :math:`\|\nabla_W L_i\|_2` (the warnings' statistic). ``losses`` are
+        rank-averaged in the weights' dtype; ``state["taken"]`` is ``has_initial_losses``, ``None`` once the host
+        knows every :math:`L_i(0)` is taken (no capture arithmetic then)."""
+        init, has = state["initial_losses"], state["taken"]
+        new = {}
+        if has is not None:
+            init, has = _take_initial(losses, init, has)
+            new = {"initial_losses": init, "has_initial_losses": has}
         norms = ops.row_norm(ops.leading_columns(G, self._n_shared))
-        self._record_bad_terms(norms)
-        grad = self._weight_gradient(current, norms)
-        if not known:
-            self._learn_initialised(self.has_initial_losses)
-        return self.loss_weights, grad  # the total's backward gives the weights dL_grad/dw, nothing into the net
+        return self._weight_gradient(losses, norms, init, has), new, norms
 
     def get_grad_norm_loss(self, losses) -> paddle.Tensor:
         """GradNorm's :math:`L_\\mathrm{grad}`; writes :math:`\\partial L_\\mathrm{grad}/\\partial w` into
@@ -334,6 +341,13 @@ class GradNormBalancer(Balancer):
             raise ValueError(f"expected {self.n_loss} losses (n_loss); got {len(values)}")
         names = self._names or [f"loss_{i}" for i in range(self.n_loss)]
         return self._validate(dict(zip(names, values)))
+
+
+def _take_initial(current, initial, has_initial) -> tuple:
+    """``(initial, has_initial)`` after taking :math:`L_i(0)` from ``current`` for every term without one whose
+    loss is finite and positive (``where``: on the device, no sync)."""
+    take = ~has_initial & ops.isfinite(current) & (current > 0)
+    return ops.where(take, current, initial), has_initial | take
 
 
 def _weight_attr(weight_attr, n: int, dtype: str):

@@ -366,5 +366,8 @@ class LRAnnealing(Balancer):
 
     needs_gradients = True
 
-    def _update_from_gradients(self, losses, G):
-        self._set_weights(*self.estimates(ops.leading_columns(G, self._n_stat), self.lambdas))
+    def update(self, losses, G, state):
+        """The contract's update: :meth:`estimates` from the columns of the ``params`` subset; the denominators
+        are the guard's per-term statistic (non-finite exactly when the term's gradient is)."""
+        hat, den = self.estimates(ops.leading_columns(G, self._n_stat), state["weights"])
+        return hat, {}, den

@@ -11,7 +11,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, BalanceWarning, check_choice, check_int
-from .contract import register
+from .contract import Slot, register
 from .grad_norm_ratio import grad_norm_ratio_weights
 from .gradients import sum_across_ranks, trainable_parameters
 from .per_point import PATHS, per_point_sq_grad_norms
@@ -127,8 +127,11 @@ class NTKWeighting(Balancer):
 
     Note:
         * The traces are kept in the ``traces_buf`` buffer (saved in ``state_dict``); ``traces()`` returns
-          the last finite ones. A non-finite (or zero) trace skips the update: every weight is kept (the
-          non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`), with a warning naming the term.
+          those of the last accepted update (a skipped update keeps them, as it keeps the weights: before the
+          method contract a skipped update still stored each finite trace, and ``mode="grad_norm"`` stored finite
+          norms even when the weights were rejected). A non-finite (or zero) trace skips the update: every
+          weight is kept (the non-finite guard of :class:`~paddle_pinn_balance.balancer.Balancer`), with a
+          warning naming the term.
         * Before the first update every weight is 1, and the weights are applied from the first call
           (PhysicsNeMo multiplies the losses by 0 until its first update). The EMA starts from 1, as jaxpi.
         * On the fast path a kernel is called once; it must be pointwise (entry ``p`` depends on row ``p`` of
@@ -154,7 +157,7 @@ class NTKWeighting(Balancer):
         J. Comput. Phys. 449:110768, 2022.
     """
 
-    #: ``mode="grad_norm"`` reads the per-term gradients (``_update_from_gradients``); each instance sets
+    #: ``mode="grad_norm"`` reads the per-term gradients (``G`` in :meth:`update`); each instance sets
     #: its own flag in ``__init__`` (False for ``mode="trace"``, whose statistics are the kernels' traces).
     needs_gradients = True
 
@@ -229,12 +232,8 @@ class NTKWeighting(Balancer):
         if unknown:
             raise ValueError(f"`kernels` names {unknown} are not loss names {list(names)}")
 
-    def _create_state(self, k):
-        super()._create_state(k)
-        self.register_buffer("traces_buf", paddle.zeros([k], dtype=self._state_dtype()))
-
-    def _extra_state_shapes(self, k):
-        return {"traces_buf": [k]}
+    def state_spec(self, k):
+        return {"traces_buf": Slot([k], 0.0)}  # the statistics of the last accepted update (inspection)
 
     def _check_state(self, arrays, names):
         super()._check_state(arrays, names)
@@ -265,35 +264,30 @@ class NTKWeighting(Balancer):
         sums, counts = sum_across_ranks(paddle.stack(out)).unbind(axis=1)  # data-parallel: the union's points
         return sums if self.reduction == "sum" else sums / counts
 
-    def _update_from_gradients(self, losses, G):
-        """``mode="grad_norm"``: norms of the per-term gradients the base class took once (no host sync;
-        the total's backward reuses them). A term with zero gradient keeps its weight; a non-finite norm
-        skips the whole update."""
-        norms = ops.row_norm(self._model_columns(G)).detach()
-        raw = ops.where(ops.nonzero(norms), grad_norm_ratio_weights(norms), ops.cast(self.lambdas, norms.dtype))
-        old = self.traces_buf
-        new = ops.cast(norms, old.dtype)
-        ops.assign_(ops.where(ops.all_finite(new), new, old), old)
-        self._set_weights(raw, norms)
-
-    def _update(self, values):
+    def update(self, losses, G, state):
+        """``mode="grad_norm"`` (``G`` given): norms of the per-term gradients the base class took once (no host
+        sync; the total's backward reuses them), a term with zero gradient keeps its weight, the norms are the
+        guard's statistic. ``mode="trace"`` (``G`` is ``None``): the kernels' traces (one synchronisation, for
+        the warning naming a bad term; the update itself costs backward passes), all-NaN weights when a trace
+        is non-finite or zero, so that the guard keeps every weight. Either way ``traces_buf`` takes the
+        statistics, kept with the weights when the guard rejects the update."""
+        if G is not None:
+            norms = ops.row_norm(self._model_columns(G)).detach()
+            raw = ops.where(ops.nonzero(norms), grad_norm_ratio_weights(norms), ops.cast(state["weights"], norms.dtype))
+            return raw, {"traces_buf": norms}, norms
         stats = self.compute_traces().detach()
-        host = stats.numpy()  # one synchronisation per update step (the update itself costs backward passes)
+        host = stats.numpy()
         bad = [n for n, s in zip(self._names, host) if not np.isfinite(s) or s <= 0.0]
         if bad:
             warnings.warn(f"NTKWeighting: non-finite or zero trace for term(s) {bad}; the weights are kept",
-                          BalanceWarning, stacklevel=3)
-        raw = ntk_trace_weights(stats)  # all NaN when a trace is bad: the non-finite guard keeps every weight
-        with paddle.no_grad():
-            old = self.traces_buf
-            new = stats.astype(old.dtype)
-            paddle.assign(paddle.where(paddle.isfinite(new), new, old), output=old)
-        self._set_weights(raw)
+                          BalanceWarning, stacklevel=4)
+        return ntk_trace_weights(stats), {"traces_buf": stats}
 
     # ------------------------------------------------------------------ inspection
 
     def traces(self) -> dict:
-        """The last computed statistics as ``{name: float}`` (traces, or gradient norms with ``mode="grad_norm"``)."""
+        """The statistics of the last accepted update as ``{name: float}`` (traces, or gradient norms with
+        ``mode="grad_norm"``)."""
         if self._names is None:
             return {}
         return dict(zip(self._names, self.traces_buf.numpy().astype(np.float64).tolist()))

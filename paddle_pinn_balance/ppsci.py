@@ -35,9 +35,10 @@ import numpy as np
 import paddle
 
 from . import expanded as _expanded
-from .balancer import Balancer, BalanceWarning, Sum
+from .balancer import Balancer, BalanceWarning
 from .config import REGISTRY, allowed_keys
 from .config import build_balancer as _core_build_balancer
+from .fixed import Sum
 from .gradnorm import GradNorm, GradNormBalancer
 from .per_point import _Unsupported
 

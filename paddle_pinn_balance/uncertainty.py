@@ -8,7 +8,7 @@ import paddle
 
 from . import ops
 from .balancer import Balancer, check_float
-from .contract import register
+from .contract import Slot, register
 from .gradients import rank_mean_gradient
 
 
@@ -56,6 +56,12 @@ class UncertaintyWeighting(Balancer):
         {'res': 0.3712, 'bc': 0.6746}
 
     Note:
+        * How it fits the method contract (:mod:`paddle_pinn_balance.contract`): it has no ``update``. Its only
+          state is :math:`s`, declared in ``state_spec`` as a learned slot (a parameter the optimizer trains, not
+          a buffer an update writes); its weights are derived from the parameter, and its total, which is not a
+          weighted sum of detached weights (the :math:`\tfrac12 s_j` term, gradients into :math:`s`), is its own
+          ``_total``. So the base's smoothing, bounds and non-finite guard do not apply (there is no update to
+          smooth, bound or reject); ``update_freq`` is 1.
         * PhysicsNeMo's ``HomoscedasticUncertainty`` adds :math:`s` to the optimizer and states that L-BFGS
           does not work; here it does (one graph, tested with ``ppsci.optimizer.LBFGS``).
         * Non-finite losses: the total is a graph, so nothing can be skipped inside it; the optimizer sees
@@ -75,14 +81,9 @@ class UncertaintyWeighting(Balancer):
         self.init_log_var = check_float("init_log_var", init_log_var)
         super().__init__(loss_names=loss_names, update_freq=1, check_every=check_every)
 
-    def _create_state(self, k):
-        super()._create_state(k)
-        self.log_vars = self.create_parameter(  # in Paddle's default dtype, as paddle.nn.Linear's parameters
-            [k], dtype=paddle.get_default_dtype(),
-            default_initializer=paddle.nn.initializer.Constant(self.init_log_var))
-
-    def _extra_state_shapes(self, k):
-        return {"log_vars": [k]}
+    def state_spec(self, k):
+        # s = log sigma^2, trained by the user's optimizer; in Paddle's default dtype, as paddle.nn.Linear's
+        return {"log_vars": Slot([k], self.init_log_var, paddle.get_default_dtype(), learned=True)}
 
     def _weight_vector(self):
         return (0.5 * paddle.exp(-self.log_vars)).detach()

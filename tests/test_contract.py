@@ -76,7 +76,7 @@ def test_the_contract_is_checked_when_the_class_is_created():
         _method(update=lambda self, losses, G, state: None, _update=lambda self, values: None)
     with pytest.raises(TypeError, match="history"):
         _method(update=lambda self, losses, G, state: None, history=-1)
-    with pytest.raises(TypeError, match="_update_from_gradients"):
+    with pytest.raises(TypeError, match=r"N must define `update\(self, losses, G, state\)`"):
         type("N", (Balancer,), {})
 
 

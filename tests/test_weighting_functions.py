@@ -7,6 +7,7 @@ import math
 import numpy as np
 import paddle
 import pytest
+from reference import update_with_gradients
 
 import paddle_pinn_balance as ppb
 from paddle_pinn_balance import (
@@ -130,10 +131,10 @@ def test_lra_non_finite_gradients_and_the_class_skips_them():
     assert hat.numpy()[0] == 1.0 and np.isnan(hat.numpy()[1])
     # the class: finite G -> lambda = 0.9 * 1 + 0.1 * 4 / (1 * 0.5 + 1e-8) = 1.7; non-finite G -> kept
     lra = LRAnnealing(paddle.nn.Linear(1, 1), ref="res", loss_names=["res", "bc"], update_freq=1)
-    for G in ([[3, 4], [math.inf, 1]], [[math.nan, 4], [0, 1]]):
-        lra._update_from_gradients(None, T(G))
+    for step, G in enumerate(([[3, 4], [math.inf, 1]], [[math.nan, 4], [0, 1]])):
+        update_with_gradients(lra, T(G), step)  # the public call, its per-term gradients replaced by G
         assert lra.weights == {"res": 1.0, "bc": 1.0}
-    lra._update_from_gradients(None, T([[3, 4], [0, 1]]))
+    update_with_gradients(lra, T([[3, 4], [0, 1]]), 2)
     assert lra.weights["res"] == 1.0 and lra.weights["bc"] == pytest.approx(1.7, rel=1e-6)
 
 
@@ -164,13 +165,14 @@ def test_ntk_class_uses_the_function_and_keeps_weights_on_a_bad_trace():
     kernel = lambda m: m(paddle.ones([2, 1]))  # noqa: E731
     ntk = NTKWeighting(net, kernels={"res": kernel, "bc": kernel}, loss_names=["res", "bc"], update_freq=1)
     assert ntk.needs_gradients is False and NTKWeighting.needs_gradients is True  # trace mode: no G
+    losses = {"res": T(1.0), "bc": T(2.0)}
     ntk.compute_traces = lambda: T([1, 3], "float64")
-    ntk._update(None)
+    ntk(losses, 0)
     assert ntk.weights["res"] == pytest.approx(4.0, rel=1e-6)
     assert ntk.weights["bc"] == pytest.approx(4.0 / 3.0, rel=1e-6)
     ntk.compute_traces = lambda: T([1, 0], "float64")
     with pytest.warns(UserWarning, match="non-finite or zero trace"):
-        ntk._update(None)
+        ntk(losses, 1)
     assert ntk.weights["res"] == pytest.approx(4.0, rel=1e-6)
     assert ntk.weights["bc"] == pytest.approx(4.0 / 3.0, rel=1e-6)
 
@@ -248,14 +250,16 @@ def test_reading_gradients_without_the_flag_is_refused_at_class_creation():
     with pytest.raises(TypeError, match="ReadsG .*`_update_from_gradients`.*needs_gradients = True"):
         type("ReadsG", (Balancer,), {"_update_from_gradients": lambda self, losses, G: None})
     with pytest.raises(TypeError, match="OwnDirection .*`_direction`.*needs_gradients = True"):
-        type("OwnDirection", (Balancer,), {"_update": lambda self, values: None,
+        type("OwnDirection", (Balancer,), {"_total": lambda self, values, update: None,
                                            "_direction": lambda self, G, w: G.sum(axis=0)})
-    with pytest.raises(TypeError, match="NoHook .*needs_gradients = True.*_update_from_gradients"):
-        type("NoHook", (Balancer,), {"needs_gradients": True, "_update": lambda self, values: None})
+    with pytest.raises(TypeError, match=r"NoHook must define `update\(self, losses, G, state\)`"):
+        type("NoHook", (Balancer,), {"needs_gradients": True})
     # declared, or inherited from a method that declares it: fine
     type("Declared", (Balancer,), {"needs_gradients": True, "_update_from_gradients": lambda self, losses, G: None})
-    type("MyLRA", (LRAnnealing,), {"_update_from_gradients": lambda self, losses, G: None})
-    type("LossOnly", (Balancer,), {"_update": lambda self, values: None})
+    type("MyLRA", (LRAnnealing,), {"update": lambda self, losses, G, state: (state["weights"], {})})
+    type("LossOnly", (Balancer,), {"update": lambda self, losses, G, state: (losses, {})})
+    with pytest.raises(TypeError, match="older hook"):  # a method on the contract cannot take the old way in
+        type("OldLRA", (LRAnnealing,), {"_update_from_gradients": lambda self, losses, G: None})
     # every balancer of the package reads G exactly when it declares the flag
     for cls in (ppb.LRAnnealing, ppb.NTKWeighting, ppb.GradNormBalancer, ppb.GradNormRatio, ppb.PCGrad,
                 ppb.ConFIG, ppb.UPGrad):
