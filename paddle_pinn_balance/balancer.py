@@ -239,10 +239,7 @@ class Balancer(Checkpointed, TermWarnings, paddle.nn.Layer):
         params = self._params
         G = self._term_gradients(values)
         losses = ops.stack([v.detach() for v in values])
-        if self.update is not None:
-            extra = self._apply_update(losses, G)
-        else:  # gradient surgery, until it composes a combiner: no weights to learn, the work is in `_direction`
-            extra = self._update_from_gradients(losses, G)
+        extra = self._apply_update(losses, G)
         w = self._weight_vector()
         if not self.assemble:
             total = weighted_sum(ops.stack(values), w)

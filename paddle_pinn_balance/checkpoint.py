@@ -198,14 +198,10 @@ class Checkpointed:
             shapes[name] = [k] if name == "loss_weights" else list(p.shape)
         if not self.learns_weights:
             shapes["lambdas"] = [k]
-        shapes.update(self._extra_state_shapes(k))
         shapes.update({name: [int(n) for n in slot.shape] for name, slot in self._slots(k).items()})
         if self.history:
             shapes["initialised"] = [k]
         return shapes
-
-    def _extra_state_shapes(self, k: int) -> dict:
-        return {}
 
     def _after_load(self) -> None:
         self._host["calls"] = int(self.num_calls.numpy()[0])

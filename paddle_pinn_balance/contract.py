@@ -202,13 +202,13 @@ def check_contract(cls, base) -> None:
     reads gradients (``needs_gradients``), defines ``weighting(self, gram, state)`` or its own ``update``,
     declares ``counter`` as ``None`` or the name of one of its slots, and leaves the machinery's methods alone."""
     if cls.update is None:
-        if cls._total is base._total:
-            raise TypeError(f"{cls.__name__} must define `update(self, losses, G, state)` (the method contract, "
-                            "docs/adding-a-method.md) or, for a total that is not a weighted sum, override `_total`")
         legacy = [h for h in _LEGACY if h != "_total" and getattr(cls, h, None) is not getattr(base, h, None)]
         if legacy:
             raise TypeError(f"{cls.__name__} defines the older hook(s) {legacy}: declare the state in `state_spec` "
-                            "and do the update in `update` (docs/adding-a-method.md)")
+                            "and do the update in `update(self, losses, G, state)` (docs/adding-a-method.md)")
+        if cls._total is base._total:
+            raise TypeError(f"{cls.__name__} must define `update(self, losses, G, state)` (the method contract, "
+                            "docs/adding-a-method.md) or, for a total that is not a weighted sum, override `_total`")
         return
     root = _machinery(cls, base)
     params = list(inspect.signature(cls.update).parameters)

@@ -246,18 +246,21 @@ def test_gradnorm_class_gives_the_function_bit_for_bit():
 # --------------------------------------------------------------------------- class-creation check
 
 
-def test_reading_gradients_without_the_flag_is_refused_at_class_creation():
-    with pytest.raises(TypeError, match="ReadsG .*`_update_from_gradients`.*needs_gradients = True"):
-        type("ReadsG", (Balancer,), {"_update_from_gradients": lambda self, losses, G: None})
-    with pytest.raises(TypeError, match="OwnDirection .*`_direction`.*needs_gradients = True"):
+def test_the_older_hooks_and_a_class_without_a_way_in_are_refused_at_class_creation():
+    with pytest.raises(TypeError, match=r"ReadsG defines the older hook\(s\) \['_update_from_gradients'\]"):
+        type("ReadsG", (Balancer,), {"needs_gradients": True, "_update_from_gradients": lambda self, losses, G: None})
+    with pytest.raises(TypeError, match=r"OwnDirection defines the older hook\(s\) \['_direction'\]"):
         type("OwnDirection", (Balancer,), {"_total": lambda self, values, update: None,
                                            "_direction": lambda self, G, w: G.sum(axis=0)})
+    with pytest.raises(TypeError, match=r"OwnState defines the older hook\(s\) \['_create_state'\]"):
+        type("OwnState", (Balancer,), {"_total": lambda self, values, update: None,
+                                       "_create_state": lambda self, k: None})
     with pytest.raises(TypeError, match=r"NoHook must define `update\(self, losses, G, state\)`"):
         type("NoHook", (Balancer,), {"needs_gradients": True})
-    # declared, or inherited from a method that declares it: fine
-    type("Declared", (Balancer,), {"needs_gradients": True, "_update_from_gradients": lambda self, losses, G: None})
+    # on the contract, or inheriting it: fine
     type("MyLRA", (LRAnnealing,), {"update": lambda self, losses, G, state: (state["weights"], {})})
     type("LossOnly", (Balancer,), {"update": lambda self, losses, G, state: (losses, {})})
+    type("OwnTotal", (Balancer,), {"_total": lambda self, values, update: values[0]})
     with pytest.raises(TypeError, match="older hook"):  # a method on the contract cannot take the old way in
         type("OldLRA", (LRAnnealing,), {"_update_from_gradients": lambda self, losses, G: None})
     # every balancer of the package reads G exactly when it declares the flag
