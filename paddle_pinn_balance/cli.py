@@ -1,8 +1,8 @@
 """Command line: ``pinn-balance demo | run | report | table | diagnose`` (also ``python -m paddle_pinn_balance ...``).
 
 Only the arguments live here; each command's work is a function of :mod:`paddle_pinn_balance.runner`
-(``demo``, ``run``, ``report``) or :mod:`paddle_pinn_balance.table` (``table``), the plots in
-:mod:`paddle_pinn_balance.plots`.
+(``demo``, ``run``), :mod:`paddle_pinn_balance.report` (``report``) or :mod:`paddle_pinn_balance.table`
+(``table``), the plots in :mod:`paddle_pinn_balance.plots`.
 
 * ``demo``: Helmholtz 2D of Wang, Teng & Perdikaris (2021) trained from one seed with plain weights (``sum``)
   and with learning-rate annealing (preset ``wang2021_code``); prints a table, writes ``results.json`` (the
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pinn-balance``; returns the exit code (2 on bad arguments or configuration)."""
-    from . import runner, table
+    from . import report, runner, table
 
     try:
         args = _parser().parse_args(argv)
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "table":
             spec = table.load_table(args.config, iters=args.iters, seeds=args.seeds)
         elif args.command == "report":
-            found = runner.find_results(args.dirs)
+            found = report.find_results(args.dirs)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -153,5 +153,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "table":
         return table.run_table(spec, out=args.out, progress=not args.quiet, plots=not args.no_plots)
     if args.command == "report":
-        return runner.report(found, out=args.out, dpi=args.dpi)
+        return report.report(found, out=args.out, dpi=args.dpi)
     return runner.demo(iters=args.iters, out=args.out, seed=args.seed)
