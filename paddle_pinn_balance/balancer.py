@@ -607,6 +607,19 @@ class Balancer(Checkpointed, paddle.nn.Layer):
     def extra_repr(self) -> str:
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
 
+    # host-side counters, read without synchronising (hooks around a call: the PaddleScience adapters)
+
+    @property
+    def call_count(self) -> int:
+        """Calls so far (the host's copy of the ``num_calls`` buffer): the step a call without ``step`` takes."""
+        return self._host["calls"]
+
+    @property
+    def last_update_at(self) -> Optional[int]:
+        """The step of the last update (the host's copy of the ``last_update_step`` buffer); ``None`` before the
+        first update and after :meth:`restart_steps`."""
+        return self._host.get("last_update_step")
+
 
 def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
     """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype. A
