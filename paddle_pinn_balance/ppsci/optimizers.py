@@ -36,8 +36,10 @@ def _held_parameters(optimizer) -> list:
 
 
 def _add_parameters(optimizer, params) -> None:
-    """Have ``optimizer`` step ``params`` too: appended to its list of parameters (in place), or, for an
-    optimizer built from parameter groups, a group of their own with the optimizer's defaults."""
+    """Have ``optimizer`` step ``params`` too: appended (in place) to its list of parameters, or, for an optimizer
+    built from parameter groups, to its first group, with that group's learning rate and weight decay set on
+    them as Paddle's ``_add_param_group`` sets them (calling it after construction fails for Adam: its
+    defaults lack ``weight_decay`` and ``grad_clip``)."""
     params = list(params)
     if not params:
         return
@@ -46,7 +48,12 @@ def _add_parameters(optimizer, params) -> None:
         if isinstance(optimizer, paddle.optimizer.LBFGS):  # it steps its last group only (`_params`)
             raise ValueError("paddle.optimizer.LBFGS with parameter groups: build it from "
                              "optimizer_layers(model, balancer, lbfgs=True)")
-        optimizer._add_param_group({"params": params})  # Paddle's counterpart of torch's add_param_group
+        first = groups[0]
+        decay = first.get("weight_decay")
+        for p in params:
+            p.regularizer = paddle.regularizer.L2Decay(decay) if isinstance(decay, float) else decay
+            p.optimize_attr["learning_rate"] = first.get("learning_rate", 1.0)
+        first["params"].extend(params)
     else:
         groups.extend(params)
 
