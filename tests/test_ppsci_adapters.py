@@ -164,3 +164,21 @@ def test_kernels_take_the_paddlescience_network_itself():
     assert kernel(model).shape == [6] and kernel(wrapper).shape == [6]
     with pytest.raises(ValueError, match="dict in, dict out"):
         kernel(lambda data: paddle.concat([data["x"], data["y"]], axis=-1))  # a tensor-out model
+
+
+def test_build_for_solver_keeps_a_gradnorm_wrappers_balancer_with_constraints():
+    """The docstring: a GradNorm wrapper given to ``build_for_solver`` is unwrapped and, for ``grad_norm``, its
+    balancer is the one returned, also with the constraints given (their loss names were refused before)."""
+    ppsci = pytest.importorskip("ppsci")
+    ppsci.utils.misc.set_random_seed(0)
+    model = ppsci.arch.MLP(("x", "y"), ("u",), 2, 8, "tanh")
+    wrapper = GradNorm(model, n_loss=1, alpha=0.5)
+    rect = ppsci.geometry.Rectangle((0.0, 0.0), (1.0, 1.0))
+    cons = {"BC": ppsci.constraint.BoundaryConstraint(
+        {"u": lambda out: out["u"]}, {"u": 0.0}, rect,
+        {"dataset": "IterableNamedArrayDataset", "iters_per_epoch": 1, "batch_size": 4}, ppsci.loss.MSELoss("mean"),
+        name="BC")}
+    net, agg = adapter.build_for_solver({"name": "grad_norm"}, wrapper, cons)
+    assert net is model and agg is wrapper.aggregator and agg.alpha == 0.5
+    net, agg = adapter.build_for_solver({"name": "sum"}, wrapper, cons)
+    assert net is model and agg.loss_names == ("u",)

@@ -68,7 +68,7 @@ class _ConstraintPiece:
     def _inputs(self):
         if self.fixed is not None:
             return self.fixed, self.fixed_weight
-        raw = self.input_fn()  # a fresh sample (global numpy RNG; reset between chunks by per_point)
+        raw = self.input_fn()  # a fresh sample (global numpy RNG, never rewound: a loop after the fast path draws anew)
         inputs = {k: self._cut(_as_tensor(v, self.dtype)) for k, v in raw.items()}
         weight = None
         if self.point_weights and self.weight_fn is not None:

@@ -12,7 +12,7 @@ import paddle
 from ..balancer import Balancer, BalanceWarning, Sum
 from ..config import REGISTRY, allowed_keys
 from ..config import build_balancer as _core_build_balancer
-from ..gradnorm import GradNormBalancer
+from ..gradnorm import GradNorm, GradNormBalancer
 from .config import _unwrap, balancer_config, loss_names
 from .kernels import _renew_kernels, constraint_kernels
 from .log import attach_logging
@@ -42,8 +42,9 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
 
     Returns:
         ``(model, balancer)``: the network to give the solver (``model`` itself; a
-        :class:`~paddle_pinn_balance.GradNorm` wrapper given here is unwrapped, its balancer kept) and the
-        balancer. Build the solver's optimizer from
+        :class:`~paddle_pinn_balance.GradNorm` wrapper given here is unwrapped; with ``grad_norm`` its balancer
+        is the one returned, as it was built: its loss names are taken at the first call unless it was built
+        with them) and the balancer. Build the solver's optimizer from
         :func:`~paddle_pinn_balance.ppsci.optimizers.optimizer_layers` ``(model, balancer)``:
         ``ppsci.optimizer.Adam(lr)(optimizer_layers(model, balancer))``, so that learned weights (GradNorm's
         ``loss_weights``, uncertainty's ``log_vars``) train. Learned weights are the balancer's parameters,
@@ -53,7 +54,9 @@ def build_for_solver(cfg, model: paddle.nn.Layer, constraints: Optional[Mapping]
     """
     cfg = balancer_config(cfg)
     name = cfg.get("name")
-    if constraints is not None and "loss_names" not in cfg and name in REGISTRY and "loss_names" in allowed_keys(name):
+    own = name == "grad_norm" and isinstance(model, GradNorm)  # a wrapper's balancer is kept, as it was built
+    if (constraints is not None and "loss_names" not in cfg and name in REGISTRY and "loss_names" in allowed_keys(name)
+            and not own):
         cfg["loss_names"] = loss_names(constraints)  # every method: state (and parameters) exist before training
     if name == "ntk":
         opts = {k: cfg.pop(k) for k in NTK_ADAPTER_KEYS if k in cfg}
