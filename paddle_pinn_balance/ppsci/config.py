@@ -45,6 +45,15 @@ def balancer_config(cfg) -> dict:
     ``cfg`` may be a dict or an omegaconf ``DictConfig``; the result is a plain ``dict`` (a copy). A whole
     config (with ``TRAIN``) that has no ``TRAIN.balancer`` gives ``{"name": "sum"}``: an edited example run
     without a balancer trains as the unedited one (our ``sum`` is ppsci's default ``mtl.Sum``, bit for bit).
+
+    Example:
+        >>> from paddle_pinn_balance.ppsci import balancer_config
+        >>> balancer_config({"TRAIN": {"epochs": 10, "balancer": {"name": "ntk", "update_freq": 10}}})
+        {'name': 'ntk', 'update_freq': 10}
+        >>> balancer_config({"TRAIN": {"epochs": 10}})  # no block: the unedited example's plain sum
+        {'name': 'sum'}
+        >>> balancer_config({"name": "lr_annealing", "ref": "pde"})  # the block itself
+        {'name': 'lr_annealing', 'ref': 'pde'}
     """
     if not isinstance(cfg, Mapping):  # omegaconf's DictConfig is a Mapping: only the block is resolved
         raise ValueError(f"a balancer config must be a mapping; got {type(cfg).__name__}")

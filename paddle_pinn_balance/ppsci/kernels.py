@@ -23,9 +23,10 @@ def ntk_model(model: paddle.nn.Layer) -> paddle.nn.Layer:
 
     Kept for compatibility: ``NTKWeighting(model, kernels)`` with the network itself is the same. The kernels
     call the network as the Solver does (dict in, dict out), and the traces take the exact fast path on it
-    (:mod:`paddle_pinn_balance.expanded` records every use of a parameter wherever the network runs). Up to
-    this version ``ntk_model`` gave a ``paddle.nn.Sequential`` over a plain ``ppsci.arch.MLP``'s layers, which
-    an older fast path needed; on the network itself the traces are bit-equal and as fast (``design/ppsci.md``).
+    (:mod:`paddle_pinn_balance.expanded` records every use of a parameter wherever the network runs; what it
+    cannot record goes through the exact loop, with a warning saying why). In 0.1.0
+    ``ntk_model`` gave a ``paddle.nn.Sequential`` over a plain ``ppsci.arch.MLP``'s layers, which an older fast
+    path needed; on the network itself the traces are bit-equal and as fast (measured: ``design/ppsci.md``).
     """
     return _unwrap(model)
 
