@@ -34,6 +34,7 @@ from .gradients import (
     term_gradients,
     term_gradients_by_backward,
     trainable_parameters,
+    weighted_sum,
     world_size,
 )
 from .term_warnings import BalanceWarning, TermWarnings
@@ -435,10 +436,15 @@ class Balancer(Checkpointed, TermWarnings, paddle.nn.Layer):
     def extra_repr(self) -> str:
         return f"loss_names={list(self._names) if self._names else None}, update_freq={self.update_freq}"
 
+    # host-side counters, read without synchronising (hooks around a call: the PaddleScience adapters)
 
-def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
-    """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype. A
-    product and a sum, not ``dot`` or a vector ``matmul``: a loop may differentiate the total's gradient again
-    (``paddle.grad(..., create_graph=True)``, a gradient penalty), and in Paddle 3.3 ``dot`` has no second
-    derivative and a 0-d ``matmul`` result added to anything fails in the add's second derivative."""
-    return ops.total(ops.multiply(stacked, ops.cast(weights.detach(), stacked.dtype)))
+    @property
+    def call_count(self) -> int:
+        """Calls so far (the host's copy of the ``num_calls`` buffer): the step a call without ``step`` takes."""
+        return self._host["calls"]
+
+    @property
+    def last_update_at(self) -> Optional[int]:
+        """The step of the last update (the host's copy of the ``last_update_step`` buffer); ``None`` before the
+        first update and after :meth:`restart_steps`."""
+        return self._host.get("last_update_step")

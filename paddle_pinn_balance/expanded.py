@@ -57,9 +57,9 @@ __all__ = ["Unsupported", "per_point_sq_norms"]
 
 
 def __getattr__(name):
-    """``expanded._ACTIVE``: the recording of *this thread's* kernel call in progress, or ``None`` (ppsci.py asks
-    whether the fast path is evaluating its kernel; the recording itself lives in :mod:`~paddle_pinn_balance.
-    recording`, per thread)."""
+    """``expanded._ACTIVE``: the recording of *this thread's* kernel call in progress, or ``None``
+    (``ppsci/kernels.py`` asks whether the fast path is evaluating its kernel; the recording itself lives in
+    :mod:`~paddle_pinn_balance.recording`, per thread)."""
     if name == "_ACTIVE":
         return getattr(_recording._LOCAL, "rec", None)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

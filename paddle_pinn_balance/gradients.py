@@ -277,6 +277,14 @@ class _AssembledTotalLeaves(paddle.autograd.PyLayer):
                      for e, p in zip(ends, leaves)]
         return (None, None) + tuple(None if p.stop_gradient else v for p, v in zip(leaves, parts))
 
+def weighted_sum(stacked: paddle.Tensor, weights: paddle.Tensor) -> paddle.Tensor:
+    """``sum_i w_i L_i`` (``stacked``: the losses as one vector), weights detached, in the losses' dtype. A
+    product and a sum, not ``dot`` or a vector ``matmul``: a loop may differentiate the total's gradient again
+    (``paddle.grad(..., create_graph=True)``, a gradient penalty), and in Paddle 3.3 ``dot`` has no second
+    derivative and a 0-d ``matmul`` result added to anything fails in the add's second derivative."""
+    return ops.total(ops.multiply(stacked, ops.cast(weights.detach(), stacked.dtype)))
+
+
 
 def assembled_total(stacked: paddle.Tensor, weights: paddle.Tensor, g: paddle.Tensor,
                     leaves: Sequence[paddle.Tensor]) -> paddle.Tensor:

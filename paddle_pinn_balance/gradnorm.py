@@ -342,6 +342,11 @@ class GradNormBalancer(Balancer):
         names = self._names or [f"loss_{i}" for i in range(self.n_loss)]
         return self._validate(dict(zip(names, values)))
 
+    def renormalise(self) -> None:
+        """``w <- T w / sum(w)`` now, after bounds (what the first call of each step does): for weights stepped by
+        an optimizer outside the training loop's (``paddle_pinn_balance.ppsci.attach_weight_optimizer``)."""
+        self._renormalise()
+
 
 def _take_initial(current, initial, has_initial) -> tuple:
     """``(initial, has_initial)`` after taking :math:`L_i(0)` from ``current`` for every term without one whose

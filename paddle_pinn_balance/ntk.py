@@ -72,11 +72,12 @@ class NTKWeighting(Balancer):
       :math:`\|\nabla L_i\|` weighs the per-point gradients by the residuals and sums them before taking the
       norm, which by Cauchy-Schwarz is at most :math:`\frac2{N}\|r\|\sqrt{\operatorname{Tr}(K_{ii})}`.
 
-    The traces are computed exactly with one backward per chunk of points, not one per point
+    The traces are computed exactly without one backward per point
     (:func:`~paddle_pinn_balance.per_point.per_point_sq_grad_norms`): the kernel runs once with every use of
     a parameter recorded (affine maps, matrix products, elementwise operations, in the forward pass and in the
-    derivative graphs a residual builds), and one backward gives each use's per-point adjoint
-    (``last_path == "expanded"``; :mod:`paddle_pinn_balance.expanded`): every ``ppsci.arch.MLP`` option,
+    derivative graphs a residual builds), and one backward for all the points gives each use's per-point
+    adjoint (a second one, at a kernel's first evaluation, checks that it does not mix points;
+    ``last_path == "expanded"``; :mod:`paddle_pinn_balance.expanded`): every ``ppsci.arch.MLP`` option,
     ``ModifiedMLP``, PirateNet and plain ``paddle.nn`` compositions. A parameter used in a way the recording
     does not know, or a kernel mixing points, goes through an exact per-point loop (``last_path == "loop"``,
     with a warning once per term giving the reason).
@@ -84,15 +85,19 @@ class NTKWeighting(Balancer):
     Args:
         model: the network (a ``paddle.nn.Layer``) whose parameters the kernels differentiate.
         kernels: ``{name: kernel}`` with ``kernel(model) -> Tensor[N] or [N, 1]``, one per loss term
-            (required for ``mode="trace"``). A kernel must call ``model(x)`` on its points; it receives a
-            stand-in with the same call on the fast path.
+            (required for ``mode="trace"``). A kernel evaluates the network it is given on its points
+            (``model(x)``, a PaddleScience model's dict call, ``model.forward_tensor(x)``, ...); it is called with
+            ``model`` itself on both paths.
         mode: ``"trace"`` (the paper) or ``"grad_norm"`` (the approximation above).
         reduction: ``"sum"`` or ``"mean"`` (``mode="trace"`` only).
         update_freq: update cadence (default 100).
         momentum: smoothing :math:`m` in ``[0, 1)`` (default 0).
         min_weight, max_weight: optional bounds applied after smoothing.
-        chunk_size: points per backward on the fast path (memory ``chunk_size x #params`` per copy);
-            ``None`` for all points at once.
+        chunk_size: on the fast path, at most this many points per slice where per-point gradients of a
+            tensor are formed (``[points, *shape]``: derived weights such as weight-normalised ones,
+            elementwise parameters, layers where that is cheaper than the ghost norm), so memory about
+            ``chunk_size`` times that tensor's size; slices are also capped at ``expanded.SLICE_ENTRIES``
+            entries (``None``: that cap only). The kernel and its backward run once for all points either way.
         path: ``"auto"``, ``"expanded"`` (raise if the fast path does not apply) or ``"loop"``.
         loss_names: the term names, or ``None`` to take them from the first call.
         assemble: ``mode="grad_norm"`` only: the update step's total reuses the per-term gradients (no
@@ -240,6 +245,22 @@ class NTKWeighting(Balancer):
         if np.any(arrays["traces_buf"] < 0):
             raise ValueError(f"state_dict['traces_buf'] must be >= 0 (traces, norms); got "
                              f"{arrays['traces_buf'].tolist()}")
+
+    @property
+    def kernels(self) -> dict:
+        """The kernels ``{name: kernel(model)}`` (a copy; :meth:`set_kernels` replaces them)."""
+        return dict(self._kernels)
+
+    def set_kernels(self, kernels: Mapping[str, Callable]) -> None:
+        """Replace the kernels (``mode="trace"``) by others for the same names, e.g. rebuilt on a second
+        PaddleScience Solver's constraints; the weights and traces are kept."""
+        if self.mode != "trace":
+            raise ValueError("`kernels` apply to mode='trace' only")
+        if not isinstance(kernels, Mapping) or sorted(kernels) != sorted(self._kernels) or not all(
+                callable(fn) for fn in kernels.values()):
+            raise ValueError(f"`kernels` must map the names {sorted(self._kernels)} to callables kernel(model); "
+                             f"got {kernels!r}")
+        self._kernels = dict(kernels)
 
     # ------------------------------------------------------------------ statistics -> weights
 

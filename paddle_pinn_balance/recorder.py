@@ -71,7 +71,7 @@ class Diagnosis:
         self.ntk_points = check_int("ntk_points", ntk_points, 0)
         self.model, self.balancer = model, balancer
         if kernels is None and balancer is not None:
-            kernels = getattr(balancer, "_kernels", None) or None
+            kernels = getattr(balancer, "kernels", None) or None
         if kernels is not None and not isinstance(kernels, Mapping):
             raise ValueError(f"`kernels` must map term names to kernel(model) callables; got {type(kernels).__name__}")
         self.kernels = dict(kernels) if kernels else None
@@ -232,7 +232,7 @@ def attach_diagnosis(solver, steps: Iterable[int] | None = None, every: int | No
 
     model = solver.model.net if isinstance(solver.model, GradNorm) else solver.model  # GradNorm's wrapper: its net
     diag = Diagnosis(model, steps=steps, every=every, ntk_points=ntk_points,
-                     kernels=kernels if kernels is not None else getattr(agg, "_kernels", None))
+                     kernels=kernels if kernels is not None else getattr(agg, "kernels", None))
     if isinstance(agg, paddle.nn.Layer) and type(agg).__call__ is paddle.nn.Layer.__call__:
         handle = agg.register_forward_pre_hook(lambda layer, inputs: diag(
             inputs[0], inputs[1] if len(inputs) > 1 and inputs[1] is not None else solver.global_step))

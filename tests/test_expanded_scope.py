@@ -69,7 +69,7 @@ def test_calls_pass_through_to_what_was_installed_at_entry(monkeypatch):
 
 
 def test_expanded_active_is_this_threads_recording():
-    """``expanded._ACTIVE`` (read by ppsci.py's kernels): set in the recording thread only, while it records."""
+    """``expanded._ACTIVE`` (read by ppsci/kernels.py): set in the recording thread only, while it records."""
     seen = {}
 
     def kernel(model):

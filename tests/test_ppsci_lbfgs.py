@@ -75,7 +75,7 @@ def test_every_registry_method_with_lbfgs_in_the_solver(name, tmp_path):
     assert finite_parameters(solver.model) and finite_parameters(agg)
     assert len(calls) > STEPS  # several closure evaluations per step
     assert sorted({s for s, _ in calls}) == list(range(STEPS))
-    assert int(agg.num_updates.numpy()[0]) == STEPS and agg._host["last_update_step"] == STEPS - 1
+    assert int(agg.num_updates.numpy()[0]) == STEPS and agg.last_update_at == STEPS - 1
     distinct = [len({w.tobytes() for s, w in calls if s == step}) for step in range(STEPS)]
     if name == "uncertainty":
         assert max(distinct) > 1
@@ -156,7 +156,7 @@ def test_adam_then_lbfgs_from_the_checkpoint_keeps_weights_and_cadence(tmp_path)
     adam, _, a1 = poisson_solver(cfg, tmp_path / "adam", iters=4)
     adam.save_freq = 1
     train(adam)
-    assert int(a1.num_updates.numpy()[0]) == 2 and a1._host["last_update_step"] == 2
+    assert int(a1.num_updates.numpy()[0]) == 2 and a1.last_update_at == 2
 
     ppsci.utils.misc.set_random_seed(0)
     from test_ppsci_methods import poisson_constraints
@@ -175,5 +175,5 @@ def test_adam_then_lbfgs_from_the_checkpoint_keeps_weights_and_cadence(tmp_path)
     calls = record_calls(agg)
     train(solver)
     assert sorted({s for s, _ in calls}) == [4, 5, 6, 7]
-    assert int(agg.num_updates.numpy()[0]) == 4 and agg._host["last_update_step"] == 6
+    assert int(agg.num_updates.numpy()[0]) == 4 and agg.last_update_at == 6
     assert agg.weights != a1.weights and finite_parameters(net)

@@ -378,7 +378,7 @@ def test_attach_continues_the_balancer_in_a_second_solver(tmp_path):
                                      iters_per_epoch=3, log_freq=100, loss_aggregator=agg,
                                      equation={"Poisson": pde})
     adapter.attach(second)
-    assert all(p.constraint is cons[p.cname] for k in agg._kernels.values() for p in k.pieces)
+    assert all(p.constraint is cons[p.cname] for k in agg.kernels.values() for p in k.pieces)
     assert len(agg._forward_post_hooks) == 1
     train(second)
     assert int(agg.num_updates.numpy()[0]) == updates + 2  # steps 0 and 2 of the second Solver
