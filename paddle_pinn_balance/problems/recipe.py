@@ -41,16 +41,20 @@ _CAUSAL_KEYS = ("n_chunks", "eps", "eps_schedule", "delta", "reduction")
 OPTIM_KEYS = ("lr", "decay_rate", "decay_steps")
 
 
+def _check_keys(setting: str, value, allowed: list) -> None:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"`{setting}` must be a mapping of {allowed}; got {value!r}")
+    bad = sorted(str(k) for k in value if k not in allowed)
+    if bad:
+        raise ValueError(f"`{setting}`: unknown key(s) {bad}; allowed: {allowed}")
+
+
 def check_net(net) -> dict | None:
     """The ``net`` setting completed with :data:`NET_KEYS`' defaults (``None``: the problem's plain MLP);
     a bad key or value raises ``ValueError`` naming it."""
     if net is None:
         return None
-    if not isinstance(net, Mapping):
-        raise ValueError(f"`net` must be a mapping of {sorted(NET_KEYS)}; got {net!r}")
-    bad = sorted(str(k) for k in net if k not in NET_KEYS)
-    if bad:
-        raise ValueError(f"`net`: unknown key(s) {bad}; allowed: {sorted(NET_KEYS)}")
+    _check_keys("net", net, sorted(NET_KEYS))
     out = dict(NET_KEYS, **net)
     out["width"], out["depth"] = check_int("net.width", out["width"]), check_int("net.depth", out["depth"])
     out["fourier_dim"] = check_int("net.fourier_dim", out["fourier_dim"], 0)
@@ -69,11 +73,7 @@ def check_causal(causal) -> dict | None:
     ``t_range``), checked by building one; ``None``: the plain mean squared residual."""
     if causal is None:
         return None
-    if not isinstance(causal, Mapping):
-        raise ValueError(f"`causal` must be a mapping of {list(_CAUSAL_KEYS)}; got {causal!r}")
-    bad = sorted(str(k) for k in causal if k not in _CAUSAL_KEYS)
-    if bad:
-        raise ValueError(f"`causal`: unknown key(s) {bad}; allowed: {list(_CAUSAL_KEYS)}")
+    _check_keys("causal", causal, list(_CAUSAL_KEYS))
     out = dict(causal)
     if "n_chunks" not in out:
         raise ValueError("`causal` needs `n_chunks`")
@@ -86,11 +86,7 @@ def check_optim(optim) -> dict:
     ``decay_steps`` >= 1; a bad key or value raises ``ValueError`` naming it."""
     if optim is None:
         return {}
-    if not isinstance(optim, Mapping):
-        raise ValueError(f"`optim` must be a mapping of {list(OPTIM_KEYS)}; got {optim!r}")
-    bad = sorted(str(k) for k in optim if k not in OPTIM_KEYS)
-    if bad:
-        raise ValueError(f"`optim`: unknown key(s) {bad}; allowed: {list(OPTIM_KEYS)}")
+    _check_keys("optim", optim, list(OPTIM_KEYS))
     out = {}
     if "lr" in optim:
         out["lr"] = check_float("optim.lr", optim["lr"], 0.0, low_open=True)
