@@ -35,7 +35,7 @@ def diagnose_problem(problem, balancer_config=None, steps: int = DEFAULT_STEPS, 
     """Train ``problem`` for ``steps`` iterations with ``balancer_config`` (default ``{name: sum}``) as
     :func:`~paddle_pinn_balance.train.train` does, recording ``records`` evenly spaced steps; returns the
     :class:`Diagnosis` (``.model`` the trained network)."""
-    from .train import setup_run
+    from .train import setup_run, train_step
 
     config = dict(balancer_config or {"name": "sum"})
     model, rng, balancer, net, optimizer, scheduler = setup_run(problem, config, seed)
@@ -45,13 +45,7 @@ def diagnose_problem(problem, balancer_config=None, steps: int = DEFAULT_STEPS, 
     diag = Diagnosis(model, balancer=balancer, steps=record_steps(steps, records), kernels=kernels,
                      ntk_points=ntk_points, names=list(problem.loss_names))
     for step in range(steps):
-        losses = problem.losses(net, problem.sample(rng))
-        total = diag(losses, step)
-        total.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        if scheduler is not None:
-            scheduler.step()
+        train_step(problem, net, rng, diag, step, optimizer, scheduler)
     return diag
 
 

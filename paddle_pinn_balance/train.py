@@ -15,7 +15,7 @@ import numpy as np
 from .balancer import check_int
 from .config import REGISTRY, allowed_keys, build_balancer, load_config
 
-__all__ = ["problem_balancer", "setup_run", "train", "trainable_parameters"]
+__all__ = ["problem_balancer", "setup_run", "train", "train_step", "trainable_parameters"]
 
 
 def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | None = None,
@@ -63,13 +63,7 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
     bar = _progress(iters, desc or config["name"], enabled=progress)
     start, evaluating = time.perf_counter(), 0.0  # evaluating: seconds spent at log points (not in wall_s)
     for step in range(iters):
-        losses = problem.losses(net, problem.sample(rng))
-        total = balancer(losses, step)
-        total.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        if scheduler is not None:
-            scheduler.step()
+        losses = train_step(problem, net, rng, balancer, step, optimizer, scheduler)
         if step % log_every == 0 or step == iters - 1:
             paused = time.perf_counter()
             values = {n: float(losses[n]) for n in names}
@@ -103,6 +97,18 @@ def train(problem, balancer_config, iters: int, seed: int = 0, log_every: int | 
         "history": history,
         "model": net,
     }
+
+
+def train_step(problem, net, rng, balancer, step: int, optimizer, scheduler) -> dict:
+    """One iteration: fresh points, the loss terms, ``balancer(losses, step).backward()``, the optimizer's and the
+    scheduler's step; returns the loss terms."""
+    losses = problem.losses(net, problem.sample(rng))
+    balancer(losses, step).backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    if scheduler is not None:
+        scheduler.step()
+    return losses
 
 
 def trainable_parameters(net, balancer) -> list:
