@@ -18,7 +18,8 @@ from paddle_pinn_balance import (
     Sum,
     UncertaintyWeighting,
 )
-from paddle_pinn_balance.contract import REGISTRY
+from paddle_pinn_balance.config import allowed_keys, build_balancer
+from paddle_pinn_balance.contract import REGISTRY, method_names
 
 X_R = np.linspace(-1, 1, 12, dtype=DTYPE).reshape([-1, 1])
 X_B = np.array([[-1.0], [1.0]], dtype=DTYPE)
@@ -69,6 +70,13 @@ METHOD_OF_KIND = {"sum": "sum", "lra_siam": "lr_annealing", "lra_arxiv": "lr_ann
                   "ntk_trace": "ntk", "ntk_grad_norm": "ntk", "relobralo": "relobralo", "softadapt": "softadapt",
                   "gradnorm": "grad_norm", "grad_norm_ratio": "grad_norm_ratio", "uncertainty": "uncertainty",
                   "dwa": "dwa"}
+#: a weighting registered later, with no kind above: its defaults (an update every call where it takes
+#: `update_freq`); a method whose constructor needs more gets a kind of its own above
+_SURGERY = {n for n in method_names() if REGISTRY[n][0].method_class.__module__ == "paddle_pinn_balance.surgery"}
+for _name in sorted(set(method_names()) - set(METHOD_OF_KIND.values()) - _SURGERY):
+    BALANCERS[_name] = lambda net, _n=_name: (net, build_balancer(
+        {"name": _n, **({"update_freq": 1} if "update_freq" in allowed_keys(_n) else {})}, net))
+    METHOD_OF_KIND[_name] = _name
 
 
 @pytest.mark.parametrize("kind", sorted(BALANCERS))
