@@ -9,21 +9,24 @@ that was never stopped."""
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 import paddle_pinn_balance as ppb
 from paddle_pinn_balance.gradnorm import GradNorm
 
 _COUNTERS = {"num_calls": ("int64", [1]), "num_updates": ("int64", [1]), "last_update_step": ("int64", [1])}
 #: method -> {key: (dtype, shape)} of the older code's state_dict for the terms ("res", "bc"); `names_utf8` and
-#: `method_utf8` are the UTF-8 bytes of "res\nbc" and of the class name
+#: `method_utf8` are the UTF-8 bytes of "res\nbc" and of the class name; the floating state in the model's dtype
+#: (the suite's, DTYPE)
+_F = DTYPE
 OLD_LAYOUT = {
-    "lra": {**_COUNTERS, "lambdas": ("float32", [2])},
-    "lra_code": {**_COUNTERS, "lambdas": ("float32", [2])},
-    "ntk": {**_COUNTERS, "lambdas": ("float32", [2]), "traces_buf": ("float32", [2])},
-    "ntk_grad_norm": {**_COUNTERS, "lambdas": ("float32", [2]), "traces_buf": ("float32", [2])},
-    "gradnorm": {**_COUNTERS, "loss_weights": ("float32", [2]), "initial_losses": ("float32", [2]),
+    "lra": {**_COUNTERS, "lambdas": (_F, [2])},
+    "lra_code": {**_COUNTERS, "lambdas": (_F, [2])},
+    "ntk": {**_COUNTERS, "lambdas": (_F, [2]), "traces_buf": (_F, [2])},
+    "ntk_grad_norm": {**_COUNTERS, "lambdas": (_F, [2]), "traces_buf": (_F, [2])},
+    "gradnorm": {**_COUNTERS, "loss_weights": (_F, [2]), "initial_losses": (_F, [2]),
                  "has_initial_losses": ("bool", [2])},
-    "uncertainty": {**_COUNTERS, "log_vars": ("float32", [2])},
+    "uncertainty": {**_COUNTERS, "log_vars": (_F, [2])},
 }
 CLASS_NAME = {"lra": "LRAnnealing", "lra_code": "LRAnnealing", "ntk": "NTKWeighting",
               "ntk_grad_norm": "NTKWeighting", "gradnorm": "GradNormBalancer", "uncertainty": "UncertaintyWeighting"}

@@ -6,6 +6,7 @@ import types
 import numpy as np
 import paddle
 import pytest
+from reference import DTYPE
 
 import paddle_pinn_balance.ppsci as adapter
 from paddle_pinn_balance import GradNorm, LRAnnealing, NTKWeighting, UncertaintyWeighting
@@ -64,7 +65,7 @@ def test_added_parameters_are_stepped_plain_list_and_groups():
 
 def test_added_parameters_reach_lbfgs():
     net = _net()
-    extra = paddle.create_parameter([1], "float32", default_initializer=paddle.nn.initializer.Constant(3.0))
+    extra = paddle.create_parameter([1], DTYPE, default_initializer=paddle.nn.initializer.Constant(3.0))
     opt = paddle.optimizer.LBFGS(1.0, max_iter=2, parameters=net.parameters())
     _add_parameters(opt, [extra])
     assert any(p is extra for p in opt._params)  # L-BFGS's own list is the same object
