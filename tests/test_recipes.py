@@ -54,7 +54,14 @@ def test_recipe_table_rows_load_with_the_recipe_settings():
     for name in ("convection", "allen_cahn"):
         recipe = load_benchmark(os.path.join(ROOT, "examples", "recipes", f"{name}.yaml"))
         row = rows[recipe["problem"] + "+recipe"]["settings"]
-        assert row["net"] == recipe["settings"]["net"] and row["causal"] == recipe["settings"]["causal"]
+        assert row["net"] == recipe["settings"]["net"]
+        causal = recipe["settings"]["causal"]
+        if "eps_schedule" in causal and "eps" in row["causal"]:
+            # Allen-Cahn: the table's row (1,000 steps) keeps the schedule's first epsilon fixed, as it was run;
+            # the long runs' schedule took its first step at 4,400-4,700 steps (design/results.md)
+            assert row["causal"] == {"n_chunks": causal["n_chunks"], "eps": causal["eps_schedule"][0]}
+        else:
+            assert row["causal"] == causal
 
 
 @pytest.mark.slow
