@@ -87,8 +87,12 @@ class Surgery(Balancer):
     # ------------------------------------------------------------------ what a method defines
 
     def weighting(self, gram: paddle.Tensor, state: dict):
-        """The coefficients ``c`` (``[K]``) of the direction ``c^T G`` from ``gram = G G^T``, and the new slots."""
-        raise NotImplementedError
+        """The coefficients ``c`` (``[K]``) of the direction ``c^T G`` from ``gram = G G^T``, and the new slots.
+
+        Every direction method defines it (or its own :meth:`update`): the class-creation check refuses one that
+        does not; ``Surgery`` itself is the machinery, not a method."""
+        raise TypeError(f"{type(self).__name__} defines no `weighting(self, gram, state)`: subclass Surgery and "
+                        "define it (docs/adding-a-method.md, 'A direction method')")
 
     def gradient_terms(self, k: int, count: int) -> Optional[list]:
         """The terms whose gradients the update reads (``None``: all ``k``), at the ``count``-th update step."""
@@ -114,28 +118,23 @@ class Surgery(Balancer):
         """Run :meth:`update`; record its statistic, keep its slots where the statistic is finite, advance the
         counter, and hold the direction for :meth:`_direction` (this update step's total)."""
         b, h = self._buffers, self._host
-        names = self.__dict__.get("_slot_names")
-        if names is None:
-            names = self.__dict__["_slot_names"] = tuple(self.state_spec(len(self._names)))
+        k = len(self._names)
+        slots = self.__dict__.get("_slot_meta")  # {name: (shape [k]?, dtype)} of the slots an update may return
+        if slots is None:
+            names = tuple(self.state_spec(k))
             if self.counter is not None and self.counter not in names:
                 raise TypeError(f"{type(self).__name__}.counter {self.counter!r} is not a slot of its state_spec")
-        state = {n: b[n] for n in names}
+            slots = self.__dict__["_slot_meta"] = {n: (list(b[n].shape) == [k], b[n].dtype) for n in names
+                                                   if n != self.counter}
+        state = {n: b[n] for n in slots}
         state["weights"], state["step"] = b["lambdas"], h["step"]
         count = self._count()
         if self.counter is not None:
             state[self.counter] = count
         d, new, stat = self.update(ops.cast(losses, b["lambdas"].dtype), G, state)
         self._record_bad_terms(stat)
-        if new:
-            ok = ops.all_finite(stat)
-            for n, value in new.items():
-                if n not in names or n == self.counter:
-                    raise KeyError(f"{type(self).__name__}.update returned {n!r}, not a slot of its state_spec "
-                                   f"({sorted(set(names) - {self.counter})})")
-                old = b[n]
-                if value.dtype != old.dtype:
-                    value = ops.cast(value, old.dtype)
-                b[n] = ops.where(ok, value if value.stop_gradient else value.detach(), old)  # 0-d `ok`, expanded
+        if new:  # kept only if every term's gradient is finite: one verdict for all terms
+            self._keep_slots(new, slots, ops.expand(ops.reshape(ops.all_finite(stat), [1]), [k]))
         if self.counter is not None:
             h["surgery_count"] = count + 1
             ops.increment_(b[self.counter])
